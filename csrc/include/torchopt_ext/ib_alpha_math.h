@@ -1,0 +1,261 @@
+// Per-neuron implicit-backprop solvers, shared by the CPU and CUDA kernels (no torch header here).
+//
+// Notation (../shared/DESIGN.md §2). For one sample and one neuron:
+//   q    pre-activation theta_j^T z          b    upstream gradient dL/dsigma(q)
+//   zsq  ||z||^2 including the bias's 1      eta  learning rate       mu  weight decay (ridge)
+//   d = 1 + eta*mu,  c = q/d,  s = eta*zsq,  tau = s/d.
+// The implicit step solves u* = argmin_u b*sigma(u) + (u - c)^2/(2 tau) and returns
+// alpha = (c - u*)/s. We never form that difference: every solver works with the scaled offset
+// omega, u = c + tau*omega, alpha = -omega/d, which stays exact as eta -> 0 (omega -> -b sigma'(c)).
+//
+// Every function is templated on the scalar type so that the same code runs as float/double on
+// the host and the device, and as FlopCounter (flop_counter.h) to count the cost of one solve.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TOX_HD __host__ __device__ __forceinline__
+#else
+#define TOX_HD inline
+#endif
+
+namespace torchopt_ext {
+namespace math {
+
+// Activation kinds understood by the op (the Python side maps names to these numbers).
+enum Kind : int64_t {
+  kRelu = 0,
+  kArctan = 1,
+  kHardtanh = 2,
+  kSmoothstep = 3,
+  kIdentity = 4,
+  kPiecewise = 5,  // a user PiecewiseCubic passed as knots + coefficients
+};
+
+// Overloads the solvers call unqualified, so that ADL picks FlopCounter's versions for counting.
+TOX_HD float m_sqrt(float x) { return ::sqrtf(x); }
+TOX_HD double m_sqrt(double x) { return ::sqrt(x); }
+TOX_HD float m_cbrt(float x) { return ::cbrtf(x); }
+TOX_HD double m_cbrt(double x) { return ::cbrt(x); }
+TOX_HD float m_acos(float x) { return ::acosf(x); }
+TOX_HD double m_acos(double x) { return ::acos(x); }
+TOX_HD float m_cos(float x) { return ::cosf(x); }
+TOX_HD double m_cos(double x) { return ::cos(x); }
+TOX_HD float m_abs(float x) { return ::fabsf(x); }
+TOX_HD double m_abs(double x) { return ::fabs(x); }
+TOX_HD float m_copysign(float x, float y) { return ::copysignf(x, y); }
+TOX_HD double m_copysign(double x, double y) { return ::copysign(x, y); }
+TOX_HD bool m_isfinite(float x) { return x - x == 0.0f; }
+TOX_HD bool m_isfinite(double x) { return x - x == 0.0; }
+
+template <typename T>
+TOX_HD T m_eps() { return T(2.220446049250313e-16); }
+template <>
+TOX_HD float m_eps<float>() { return 1.1920929e-07f; }
+
+// NaN in q, b or zsq makes alpha NaN for that element only; finite input never does.
+// (x*0 is 0 for finite x and NaN for NaN or Inf.)
+template <typename T>
+TOX_HD T nan_guard(T q, T b, T zsq) { return q * T(0) + b * T(0) + zsq * T(0); }
+
+// ---------------------------------------------------------------------------------------------
+// relu: closed form (paper Table 1, rederived from the prox form; T = s*b).
+//   b > 0: alpha = 0 if q <= 0;  c/s if 0 < q <= T;  b/d if q > T.
+//   b < 0: alpha = 0 if q <= T/2 (ties go to the smaller |alpha|);  b/d if q > T/2.
+// Branch-free so that the CPU loop vectorises.
+template <typename T>
+TOX_HD T alpha_relu(T q, T b, T zsq, T eta, T mu) {
+  const T d = T(1) + eta * mu;
+  const T s = eta * zsq;
+  const T sb = s * b;
+  const T full = b / d;
+  const T mid = q / (d * s);  // = c/s: the step that lands exactly on the kink u = 0
+  const T pos = q <= T(0) ? T(0) : (q <= sb ? mid : full);
+  const T neg = q <= T(0.5) * sb ? T(0) : full;
+  const T a = b > T(0) ? pos : (b < T(0) ? neg : T(0));
+  return a + nan_guard(q, b, zsq);
+}
+
+// identity: sigma(u) = u is linear, the implicit step equals the explicit one up to the decay.
+template <typename T>
+TOX_HD T alpha_identity(T q, T b, T zsq, T eta, T mu) {
+  return b / (T(1) + eta * mu) + nan_guard(q, b, zsq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// arctan: v = d*alpha solves v*(1 + (c - tau v)^2) = b, and we want the root nearest 0 (the paper's
+// rule). arctan is odd, so for b < 0 we solve (-b, -c) and flip. For b > 0 no root is <= 0.
+// In x = tau*v the cubic is monic, x^3 - 2c x^2 + (1+c^2) x - b tau = 0: Cardano (one real root)
+// or the trigonometric form (three real roots; the smallest is the k = 2 branch). x is then exact
+// only to eps*|c| in absolute terms, which is all noise when tau -> 0; one step of the contraction
+// v = b/(1 + (c - x)^2) turns that absolute error into a relative one (|d log v/dx| <= 1), and one
+// guarded Newton step on f(v) = v(1 + (c - tau v)^2) - b polishes the last bits.
+template <typename T>
+TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
+  const T kTwoPi = T(6.283185307179586476925286766559);
+  const T d = T(1) + eta * mu;
+  const T tau = eta * zsq / d;
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b;
+  const T c = sg * (q / d);
+  const T c2 = c * c;
+  // depressed cubic t^3 + p t + r = 0 with x = t + 2c/3
+  const T p3 = T(1.0 / 3.0) - c2 * T(1.0 / 9.0);                    // p/3
+  const T h = c * (c2 * T(1.0 / 27.0) + T(1.0 / 3.0)) - T(0.5) * bb * tau;  // r/2
+  const T disc = h * h + p3 * p3 * p3;
+  T t;
+  if (disc >= T(0)) {
+    const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(disc)), h);
+    t = a != T(0) ? a - p3 / a : T(0);
+  } else {  // three real roots, p < 0
+    const T rt = m_sqrt(-p3);
+    T arg = -h / (rt * rt * rt);
+    arg = arg > T(1) ? T(1) : (arg < T(-1) ? T(-1) : arg);
+    t = T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
+  }
+  const T x = t + c * T(2.0 / 3.0);
+  T w = c - x;
+  T v = bb / (T(1) + w * w);
+  w = c - tau * v;
+  const T f = v * (T(1) + w * w) - bb;
+  const T fp = T(1) + w * (c - T(3) * tau * v);
+  const T vn = v - f / fp;
+  // the root we want is a crossing from f < 0 to f > 0, so f' >= 0 there; refuse wild steps
+  const bool ok = fp > T(0) && m_abs(vn - v) < T(0.5) * v;
+  v = ok ? vn : v;
+  return sg * v / d + nan_guard(q, b, zsq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Piecewise cubic sigma(u) = p_m(u) = a0 + a1 u + a2 u^2 + a3 u^3 on [k_{m-1}, k_m], M pieces with
+// M-1 sorted interior knots (the outer pieces are unbounded and must be linear). On each piece the
+// stationary points in omega solve  A w^2 + B w + C = 0  with
+//   A = 3 b a3 tau^2,  B = 1 + 2 b tau (a2 + 3 a3 c),  C = b p_m'(c).
+// Candidates: those roots inside the piece and the piece's finite ends. We compare
+//   G(w) = b (p_m(c + tau w) - p_k(c)) + tau w^2 / 2    (k = the piece holding c)
+// with p_m(c + tau w) - p_m(c) expanded in powers of tau*w (no cancellation), keep the global
+// minimum, and break ties (within rounding) towards the smaller |w|, i.e. the smaller |alpha|.
+template <typename T>
+struct Best {
+  T g, scale, w;
+};
+
+template <typename T>
+TOX_HD void consider(Best<T>& best, T w, T g, T scale) {
+  const T tol = T(8) * m_eps<T>() * (scale > best.scale ? scale : best.scale);
+  const bool better = g < best.g - tol || (g <= best.g + tol && m_abs(w) < m_abs(best.w));
+  best.g = better ? g : best.g;
+  best.scale = better ? scale : best.scale;
+  best.w = better ? w : best.w;
+}
+
+// Evaluates candidate w on piece (a0..a3, derivatives at c given) and offers it.
+template <typename T>
+TOX_HD void offer(Best<T>& best, T w, T b, T tau, T p1, T h2, T a3, T off) {
+  const T tw = tau * w;
+  const T inner = p1 + tw * (h2 + a3 * tw);
+  const T quad = T(0.5) * tau * w * w;
+  const T g = b * tw * inner + off + quad;
+  const T scale = m_abs(b * tw) * (m_abs(p1) + m_abs(tw) * (m_abs(h2) + m_abs(a3 * tw))) +
+                  m_abs(off) + quad;
+  consider(best, w, g, scale);
+}
+
+// Pieces given at run time (a user PiecewiseCubic): knots[M-1], coef[M*4] row-major (a0..a3).
+template <typename T>
+struct RuntimePieces {
+  int64_t M;
+  const double* knots;
+  const double* coef;
+  TOX_HD int64_t size() const { return M; }
+  TOX_HD T knot(int64_t i) const { return T(knots[i]); }
+  TOX_HD T a(int64_t m, int j) const { return T(coef[m * 4 + j]); }
+};
+
+// Built-in tables, known at compile time so the compiler folds the zero coefficients away.
+template <typename T>
+struct HardtanhPieces {  // -1 | u on [-1, 1] | 1
+  TOX_HD int64_t size() const { return 3; }
+  TOX_HD T knot(int64_t i) const { return i == 0 ? T(-1) : T(1); }
+  TOX_HD T a(int64_t m, int j) const {
+    return m == 0 ? (j == 0 ? T(-1) : T(0)) : m == 1 ? (j == 1 ? T(1) : T(0)) : (j == 0 ? T(1) : T(0));
+  }
+};
+
+template <typename T>
+struct SmoothstepPieces {  // -1 | 1.5u - 0.5u^3 on [-1, 1] | 1
+  TOX_HD int64_t size() const { return 3; }
+  TOX_HD T knot(int64_t i) const { return i == 0 ? T(-1) : T(1); }
+  TOX_HD T a(int64_t m, int j) const {
+    return m == 0 ? (j == 0 ? T(-1) : T(0))
+         : m == 1 ? (j == 1 ? T(1.5) : j == 3 ? T(-0.5) : T(0))
+                  : (j == 0 ? T(1) : T(0));
+  }
+};
+
+template <typename T, typename Pieces>
+TOX_HD T poly_at(const Pieces& P, int64_t m, T u) {
+  return P.a(m, 0) + u * (P.a(m, 1) + u * (P.a(m, 2) + u * P.a(m, 3)));
+}
+
+template <typename T, typename Pieces>
+TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
+  const T inf = T(HUGE_VAL);
+  const T d = T(1) + eta * mu;
+  const T c = q / d;
+  const T tau = eta * zsq / d;
+  const int64_t M = P.size();
+  // value of sigma at c, on the piece that holds c
+  int64_t k = 0;
+  for (int64_t i = 0; i + 1 < M; ++i) k += (c > P.knot(i)) ? 1 : 0;
+  const T sig_c = poly_at<T>(P, k, c);
+
+  Best<T> best{inf, T(0), T(0)};
+  for (int64_t m = 0; m < M; ++m) {
+    const T a1 = P.a(m, 1), a2 = P.a(m, 2), a3 = P.a(m, 3);
+    const T lo = m == 0 ? -inf : P.knot(m - 1);
+    const T hi = m == M - 1 ? inf : P.knot(m);
+    const T h2 = a2 + T(3) * a3 * c;             // p_m''(c)/2
+    const T p1 = a1 + c * (T(2) * a2 + T(3) * a3 * c);  // p_m'(c)
+    const T off = b * (poly_at<T>(P, m, c) - sig_c);
+    const T A = T(3) * b * a3 * tau * tau;
+    const T B = T(1) + T(2) * b * tau * h2;
+    const T C = b * p1;
+    // the two roots, cancellation-free; a root that does not exist comes out non-finite
+    T r1, r2;
+    if (A == T(0)) {
+      r1 = -C / B;
+      r2 = r1;
+    } else {
+      // disc/B^2 computed without squaring B, which overflows for huge tau
+      const T bs = m_abs(B) > T(1) ? B : T(1);
+      const T disc = (B / bs) * (B / bs) - T(4) * (A / bs) * (C / bs);
+      const T sq = disc >= T(0) ? m_sqrt(disc) * bs : inf - inf;  // NaN when no real root
+      const T Q = T(-0.5) * (B + m_copysign(sq, B));
+      r1 = Q / A;
+      r2 = Q != T(0) ? C / Q : r1;
+    }
+    const T u1 = c + tau * r1, u2 = c + tau * r2;
+    if (m_isfinite(r1) && u1 >= lo && u1 <= hi) offer(best, r1, b, tau, p1, h2, a3, off);
+    if (m_isfinite(r2) && u2 >= lo && u2 <= hi) offer(best, r2, b, tau, p1, h2, a3, off);
+    if (m > 0) offer(best, (lo - c) / tau, b, tau, p1, h2, a3, off);
+    if (m < M - 1) offer(best, (hi - c) / tau, b, tau, p1, h2, a3, off);
+  }
+  return -best.w / d + nan_guard(q, b, zsq);
+}
+
+// One entry point for every kind; the CPU and CUDA loops call this with a compile-time KIND.
+template <int64_t KIND, typename T>
+TOX_HD T alpha_dispatch(T q, T b, T zsq, T eta, T mu, const RuntimePieces<T>& rp) {
+  if (KIND == kRelu) return alpha_relu(q, b, zsq, eta, mu);
+  if (KIND == kArctan) return alpha_arctan(q, b, zsq, eta, mu);
+  if (KIND == kIdentity) return alpha_identity(q, b, zsq, eta, mu);
+  if (KIND == kHardtanh) return alpha_piecewise(q, b, zsq, eta, mu, HardtanhPieces<T>{});
+  if (KIND == kSmoothstep) return alpha_piecewise(q, b, zsq, eta, mu, SmoothstepPieces<T>{});
+  return alpha_piecewise(q, b, zsq, eta, mu, rp);
+}
+
+}  // namespace math
+}  // namespace torchopt_ext

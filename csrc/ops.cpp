@@ -1,0 +1,59 @@
+// Operator schemas of torchopt_ext (TORCH_LIBRARY) and the Python module torchopt_ext._C.
+// Kernels register themselves per device in csrc/cpu/*.cpp and csrc/*_cuda.cpp.
+#include <torch/extension.h>
+
+#include "torchopt_ext/flop_counter.h"
+#include "torchopt_ext/ib_alpha_math.h"
+
+namespace torchopt_ext {
+
+// Flops of one alpha solve, counted by running the solver on FlopCounter over inputs that take
+// every branch; returns the largest count seen.
+int64_t ib_alpha_flops(int64_t kind, const at::Tensor& knots, const at::Tensor& coefficients) {
+  using math::FlopCounter;
+  auto k = knots.to(at::kDouble).contiguous();
+  auto co = coefficients.to(at::kDouble).contiguous();
+  math::RuntimePieces<FlopCounter> rp{co.numel() / 4, k.data_ptr<double>(), co.data_ptr<double>()};
+  const double qs[] = {-3.0, -0.7, -1e-3, 0.0, 0.4, 0.9, 1.0, 2.5, 40.0};
+  const double bs[] = {-2.0, -0.3, 0.0, 0.3, 2.0};
+  const double etas[] = {1e-6, 0.1, 1.0, 30.0};
+  int64_t worst = 0;
+  for (double q : qs)
+    for (double b : bs)
+      for (double eta : etas) {
+        FlopCounter::count() = 0;
+        FlopCounter Q(q), Bv(b), Z(3.0), E(eta), Mu(0.01);
+        switch (kind) {
+          case math::kRelu: math::alpha_dispatch<math::kRelu>(Q, Bv, Z, E, Mu, rp); break;
+          case math::kArctan: math::alpha_dispatch<math::kArctan>(Q, Bv, Z, E, Mu, rp); break;
+          case math::kHardtanh: math::alpha_dispatch<math::kHardtanh>(Q, Bv, Z, E, Mu, rp); break;
+          case math::kSmoothstep: math::alpha_dispatch<math::kSmoothstep>(Q, Bv, Z, E, Mu, rp); break;
+          case math::kIdentity: math::alpha_dispatch<math::kIdentity>(Q, Bv, Z, E, Mu, rp); break;
+          case math::kPiecewise: math::alpha_dispatch<math::kPiecewise>(Q, Bv, Z, E, Mu, rp); break;
+          default: TORCH_CHECK(false, "ib_alpha_flops: unknown activation kind ", kind);
+        }
+        worst = std::max(worst, FlopCounter::count());
+      }
+  return worst;
+}
+
+}  // namespace torchopt_ext
+
+TORCH_LIBRARY(torchopt_ext, m) {
+  // alpha of the implicit-backprop step for every (sample, neuron); see ib_alpha_math.h.
+  // kind: torchopt_ext::math::Kind; knots/coefficients: float64 tables for kind == kPiecewise
+  // (ignored, and may be empty, for the built-in kinds).
+  m.def(
+      "ib_alpha(Tensor pre, Tensor grad_out, Tensor z_sqnorm, float lr, float weight_decay, int kind, "
+      "Tensor knots, Tensor coefficients) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "torchopt_ext compiled kernels; the operators live in torch.ops.torchopt_ext";
+  m.def("ib_alpha_flops", &torchopt_ext::ib_alpha_flops, "flops of one alpha solve, counted");
+#ifdef TORCHOPT_EXT_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

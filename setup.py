@@ -1,0 +1,74 @@
+"""Builds torchopt_ext and its compiled extension torchopt_ext._C.
+
+Install with ``pip install --no-build-isolation .``: the extension must be compiled against the
+torch that is already installed (an isolated build would download a different, CUDA-enabled torch
+of several GB and build against that one).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - only hit by a misconfigured build
+    raise SystemExit(
+        "torchopt_ext needs torch installed before it is built: run `pip install torch` first, "
+        "then `pip install --no-build-isolation .`"
+    ) from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _extension():
+    with_cuda = torch.cuda.is_available() or os.environ.get("TORCHOPT_EXT_FORCE_CUDA") == "1"
+    with_cuda = with_cuda and torch.version.cuda is not None and CUDA_HOME is not None
+    if os.environ.get("TORCHOPT_EXT_NO_CUDA") == "1":
+        with_cuda = False
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    if not with_cuda:
+        return CppExtension(
+            "torchopt_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    # sm_90 (Hopper) is always built unless the user names the architectures.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # no --use_fast_math: the solvers rely on IEEE inf/NaN
+    return CUDAExtension(
+        "torchopt_ext._C",
+        sources + _sources("csrc/cuda/*.cu"),
+        include_dirs=include_dirs,
+        define_macros=[("TORCHOPT_EXT_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="torchopt_ext",
+    version="0.1.0",
+    description="Implicit backprop, five-probe adaptive learning rates and dataset distillation for PyTorch",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["torchopt_ext", "torchopt_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm"],
+        "cli": ["scikit-learn", "matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["torchopt-ext=torchopt_ext.cli:main"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

@@ -1,0 +1,3 @@
+from torchopt_ext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""The compiled op held to the reference: dtypes, layouts, devices, opcheck, torch.compile and
+bad input. Tolerances: float64 near round-off (the kernel and the reference run the same
+formulas, in another order); float32 relative to |b| (the kernel computes relu/identity in
+float32 and the cubic solvers in float64; the reference always in float64)."""
+import pytest
+import torch
+
+import torchopt_ext
+from conftest import cuda
+from torchopt_ext import activations
+from torchopt_ext.ops import ib_alpha, ib_alpha_reference
+
+needs_ext = pytest.mark.skipif(not torchopt_ext.extension_available(), reason="compiled extension not built")
+NAMES = ["relu", "arctan", "hardtanh", "smoothstep", "identity", "fitted_sigmoid"]
+_fit = {}
+
+
+def act_of(name):
+    if name == "fitted_sigmoid":
+        return _fit.setdefault(name, activations.PiecewiseCubic.fit(torch.sigmoid, -6, 6, 12))
+    return activations.get(name)
+
+
+def inputs(shape=(97, 33), dtype=torch.float64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+    b = torch.randn(*shape, generator=g, dtype=torch.float64)
+    z = torch.rand(*shape[:-1], generator=g, dtype=torch.float64) * 4 + 1
+    return q.to(device, dtype), b.to(device, dtype), z.to(device, dtype)
+
+
+def assert_matches(alpha, ref, b, dtype):
+    if dtype == torch.float64:
+        torch.testing.assert_close(alpha, ref, rtol=1e-10, atol=1e-12)
+    else:
+        err = (alpha.double() - ref.double()).abs()
+        bound = 2e-5 * b.double().abs() + 2e-6 * ref.double().abs() + 1e-30
+        assert bool((err <= bound).all()), float((err / bound).max())
+
+
+@needs_ext
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("lr", [1e-8, 0.03, 1.0, 50.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernel_equals_reference(name, lr, dtype):
+    q, b, z = inputs(dtype=dtype)
+    for wd in (0.0, 0.1):
+        a = ib_alpha(q, b, z, lr, wd, act_of(name))
+        r = ib_alpha_reference(q, b, z, lr, wd, act_of(name))
+        assert a.dtype == dtype and a.shape == q.shape
+        assert_matches(a, r, b, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["relu", "arctan", "smoothstep"])
+def test_half_precision_is_computed_in_float32(dtype, name):
+    q, b, z = inputs(dtype=dtype)
+    a = ib_alpha(q, b, z, 0.2, 0.0, name)
+    assert a.dtype == dtype
+    r = ib_alpha(q.float(), b.float(), z.float(), 0.2, 0.0, name).to(dtype)
+    assert torch.equal(a, r)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_and_batched_shapes(name):
+    q, b, z = inputs(shape=(6, 40, 17))
+    qt, bt = q.transpose(0, 1), b.transpose(0, 1)  # (40, 6, 17), non-contiguous
+    zt = z.t()
+    assert not qt.is_contiguous()
+    a = ib_alpha(qt, bt, zt, 0.5, 0.01, act_of(name))
+    r = ib_alpha_reference(qt.contiguous(), bt.contiguous(), zt.contiguous(), 0.5, 0.01, act_of(name))
+    torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    # 1-D input: one sample, z_sqnorm 0-dim
+    a1 = ib_alpha(q[0, 0], b[0, 0], z[0, 0], 0.5, 0.0, act_of(name))
+    torch.testing.assert_close(a1, ib_alpha_reference(q[0, 0], b[0, 0], z[0, 0], 0.5, 0.0, act_of(name)))
+
+
+@needs_ext
+def test_tensor_lr_and_empty_input():
+    q, b, z = inputs()
+    a = ib_alpha(q, b, z, torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64), "arctan")
+    torch.testing.assert_close(a, ib_alpha(q, b, z, 0.3, 0.01, "arctan"))
+    e = torch.empty(0, 5, dtype=torch.float64)
+    assert ib_alpha(e, e, torch.empty(0, dtype=torch.float64), 0.1).shape == (0, 5)
+    e = torch.empty(3, 0, dtype=torch.float64)
+    assert ib_alpha(e, e, torch.ones(3, dtype=torch.float64), 0.1).shape == (3, 0)
+
+
+@needs_ext
+def test_kernel_nan_only_touches_its_own_elements():
+    q, b, z = inputs(shape=(4, 6))
+    q[1, 2] = float("nan")
+    z[3] = float("nan")
+    for name in NAMES:
+        a = ib_alpha(q, b, z, 0.3, 0.0, act_of(name))
+        bad = torch.zeros(4, 6, dtype=torch.bool)
+        bad[1, 2] = True
+        bad[3] = True
+        assert torch.isnan(a[bad]).all() and torch.isfinite(a[~bad]).all(), name
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["relu", "arctan", "hardtanh", "smoothstep", "fitted_sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_extremes_finite(name, dtype):
+    vals_q = torch.tensor([-1e6, -30.0, -1.0, 0.0, 1e-7, 1.0, 30.0, 1e6], dtype=dtype)
+    vals_b = torch.tensor([-1e3, -1.0, 0.0, 1e-6, 1.0, 1e3], dtype=dtype)
+    q, b = torch.meshgrid(vals_q, vals_b, indexing="ij")
+    for eta in (1e-10, 1.0, 1e10):
+        for mu in (0.0, 1.0):
+            a = ib_alpha(q.contiguous(), b.contiguous(), torch.full((8,), 1e4, dtype=dtype), eta, mu, act_of(name))
+            assert torch.isfinite(a).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["relu", "arctan", "smoothstep", "fitted_sigmoid"])
+def test_opcheck(name):
+    act = act_of(name)
+    q, b, z = inputs(shape=(8, 5))
+    knots, coef = act.tables("cpu")
+    torch.library.opcheck(torch.ops.torchopt_ext.ib_alpha.default, (q, b, z, 0.1, 0.01, act.kind, knots, coef))
+    torch.library.opcheck(
+        torch.ops.torchopt_ext.ib_alpha.default, (q.float().t(), b.float().t(), z.new_ones(5).float(), 2.0, 0.0, act.kind, knots, coef)
+    )
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    def f(q, b, z):
+        return ib_alpha(q, b, z, 0.1, 0.0, "arctan") * 2 + 1
+
+    q, b, z = inputs(shape=(16, 8), dtype=torch.float32)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, b, z), f(q, b, z))
+
+
+@pytest.mark.parametrize("fn", [ib_alpha, ib_alpha_reference])
+def test_bad_input_names_the_argument(fn):
+    q, b, z = inputs(shape=(4, 3))
+    with pytest.raises(ValueError, match="grad_out must have pre's shape"):
+        fn(q, b[:, :2], z, 0.1)
+    with pytest.raises(ValueError, match="z_sqnorm must have shape"):
+        fn(q, b, z[:2], 0.1)
+    with pytest.raises(TypeError, match="pre must be a floating-point"):
+        fn(q.long(), b, z, 0.1)
+    with pytest.raises(TypeError, match="share one dtype"):
+        fn(q, b.float(), z, 0.1)
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
+        fn(q, b, z, 0.0)
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
+        fn(q, b, z, float("nan"))
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
+        fn(q, b, z, -1.0)
+    with pytest.raises(ValueError, match="weight_decay must be finite and >= 0"):
+        fn(q, b, z, 0.1, -0.5)
+    with pytest.raises(ValueError, match="z_sqnorm must be > 0"):
+        fn(q, b, torch.zeros_like(z), 0.1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fn(q, b, z, 0.1, 0.0, "tanh")
+    with pytest.raises(ValueError, match="0-dim"):
+        fn(q[0, 0], b[0, 0], z[0], 0.1)
+    with pytest.raises(ValueError, match="one device"):
+        fn(q, b.to("meta"), z, 0.1)
+
+
+@needs_ext
+def test_raw_op_checks_its_arguments_too():
+    q, b, z = inputs(shape=(4, 3))
+    e = torch.empty(0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="lr must be finite and > 0"):
+        torch.ops.torchopt_ext.ib_alpha(q, b, z, -1.0, 0.0, 0, e, e)
+    with pytest.raises(RuntimeError, match="unknown activation kind"):
+        torch.ops.torchopt_ext.ib_alpha(q, b, z, 1.0, 0.0, 17, e, e)
+    with pytest.raises(RuntimeError, match="coefficients must have shape"):
+        torch.ops.torchopt_ext.ib_alpha(q, b, z, 1.0, 0.0, 5, e, e)
+
+
+@cuda
+@needs_ext
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_equals_cpu(name, dtype):
+    if not torchopt_ext.cuda_available():
+        pytest.skip("extension built without CUDA")
+    q, b, z = inputs(shape=(301, 65), dtype=dtype)
+    for lr in (1e-8, 0.05, 3.0):
+        cpu = ib_alpha(q, b, z, lr, 0.01, act_of(name))
+        gpu = ib_alpha(q.cuda(), b.cuda(), z.cuda(), lr, 0.01, act_of(name)).cpu()
+        assert_matches(gpu, cpu.double() if dtype == torch.float64 else cpu, b, dtype)

@@ -1,0 +1,59 @@
+"""Kernel microbenchmark: ib_alpha per activation against a same-bytes elementwise op
+(torch.add(pre, grad_out): reads the same two tensors, writes one) and against the pure-PyTorch
+reference, measured side by side."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from torchopt_ext import activations
+from torchopt_ext.bench.timing import interleaved_median
+from torchopt_ext.ops import ib_alpha, ib_alpha_reference
+
+
+def run(rows: int = 4096, m: int = 1024, dtype=torch.float32, device: str = "cpu",
+        names: Sequence[str] = ("relu", "hardtanh", "smoothstep", "arctan", "identity"),
+        rounds: int = 9, with_reference: bool = True) -> List[Dict]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pre = (torch.randn(rows, m, generator=g) * 2).to(device, dtype)
+    grad = (torch.randn(rows, m, generator=g) * 1e-2).to(device, dtype)
+    zsq = (torch.rand(rows, generator=g) * 100 + 1).to(device, dtype)
+    out = []
+    for name in names:
+        act = activations.get(name)
+        fns = {
+            "add": lambda: torch.add(pre, grad),
+            "kernel": lambda: ib_alpha(pre, grad, zsq, 0.1, 1e-4, act),
+        }
+        if with_reference:
+            fns["reference"] = lambda: ib_alpha_reference(pre, grad, zsq, 0.1, 1e-4, act)
+        t = interleaved_median(fns, rounds=rounds, device=device, warmup=1)
+        row = {
+            "activation": name,
+            "shape": [rows, m],
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "flops": act.flops,
+            "add_ms": 1e3 * t["add"],
+            "kernel_ms": 1e3 * t["kernel"],
+            "kernel_over_add": t["kernel"] / t["add"],
+        }
+        if with_reference:
+            row["reference_ms"] = 1e3 * t["reference"]
+            row["reference_over_kernel"] = t["reference"] / t["kernel"]
+        out.append(row)
+    return out
+
+
+def format_table(rows: List[Dict]) -> str:
+    head = "| activation | flops/solve | add (ms) | ib_alpha (ms) | ib_alpha / add | reference (ms) | reference / ib_alpha |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        ref = f"{r['reference_ms']:.2f} | {r['reference_over_kernel']:.1f}x" if "reference_ms" in r else "- | -"
+        lines.append(
+            f"| {r['activation']} | {r['flops']} | {r['add_ms']:.2f} | {r['kernel_ms']:.2f} | "
+            f"{r['kernel_over_add']:.2f}x | {ref} |"
+        )
+    return "\n".join(lines)

@@ -6,6 +6,9 @@
 #include "torchopt_ext/ib_alpha_math.h"
 
 namespace torchopt_ext {
+namespace cpu {
+std::string set_isa(const std::string& isa);
+}
 
 // Flops of one alpha solve, counted by running the solver on FlopCounter over inputs that take
 // every branch; returns the largest count seen.
@@ -51,6 +54,8 @@ TORCH_LIBRARY(torchopt_ext, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchopt_ext compiled kernels; the operators live in torch.ops.torchopt_ext";
   m.def("ib_alpha_flops", &torchopt_ext::ib_alpha_flops, "flops of one alpha solve, counted");
+  m.def("set_cpu_isa", &torchopt_ext::cpu::set_isa,
+        "'auto' (AVX2+FMA row loops where the CPU has them) or 'baseline'; returns the one in use");
 #ifdef TORCHOPT_EXT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -189,3 +189,24 @@ def test_cuda_equals_cpu(name, dtype):
         cpu = ib_alpha(q, b, z, lr, 0.01, act_of(name))
         gpu = ib_alpha(q.cuda(), b.cuda(), z.cuda(), lr, 0.01, act_of(name)).cpu()
         assert_matches(gpu, cpu.double() if dtype == torch.float64 else cpu, b, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", NAMES)
+def test_avx2_and_baseline_row_loops_agree(name):
+    """The row loop is compiled twice (baseline x86-64, AVX2+FMA); both must give the reference."""
+    from torchopt_ext import _C
+
+    q, b, z = inputs(dtype=torch.float32)
+    try:
+        _C.set_cpu_isa("baseline")
+        base = ib_alpha(q, b, z, 0.7, 0.01, act_of(name))
+    finally:
+        used = _C.set_cpu_isa("auto")
+    fast = ib_alpha(q, b, z, 0.7, 0.01, act_of(name))
+    ref = ib_alpha_reference(q, b, z, 0.7, 0.01, act_of(name))
+    assert_matches(base, ref, b, torch.float32)
+    assert_matches(fast, ref, b, torch.float32)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        _C.set_cpu_isa("sse9")
+    assert used in ("avx2", "baseline")

@@ -1,52 +1,52 @@
-// CPU kernel of torchopt_ext::ib_alpha: one parallel pass over (rows, m), the solver inlined.
+// CPU kernel of torchopt_ext::ib_alpha: one parallel pass over (rows, m), the solver inlined;
+// the row loop is compiled twice (baseline x86-64 and AVX2+FMA) and picked at run time.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "torchopt_ext/ib_alpha_check.h"
 #include "torchopt_ext/ib_alpha_math.h"
+#include "ib_alpha_rows.h"
 
 namespace torchopt_ext {
-namespace {
+namespace cpu {
+namespace tm = ::torchopt_ext::math;
+TOX_DEFINE_ALPHA_ROWS(alpha_rows_base)
 
-// relu and identity are cheap enough to stay in the input precision (and vectorise); the cubic
-// solvers run in double, where tau^2 and the cubic's coefficients cannot overflow.
-template <int64_t KIND, typename scalar_t>
-using acc_type_t = std::conditional_t<KIND == math::kRelu || KIND == math::kIdentity, scalar_t, double>;
+bool avx2_compiled();
 
-template <int64_t KIND, typename scalar_t>
-void alpha_loop(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out,
-                int64_t rows, int64_t m, double lr, double wd, const math::RuntimePieces<double>& rp64) {
-  using acc_t = acc_type_t<KIND, scalar_t>;
-  const acc_t eta = static_cast<acc_t>(lr), mu = static_cast<acc_t>(wd);
-  const math::RuntimePieces<acc_t> rp{rp64.M, rp64.knots, rp64.coef};
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const acc_t z = static_cast<acc_t>(zsq[r]);
-      const scalar_t* p = pre + r * m;
-      const scalar_t* g = grad + r * m;
-      scalar_t* o = out + r * m;
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) {
-        o[j] = static_cast<scalar_t>(math::alpha_dispatch<KIND, acc_t>(
-            static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), z, eta, mu, rp));
-      }
-    }
-  });
+// Which row loop runs: the AVX2+FMA build when this CPU has it, unless set_isa("baseline").
+static bool g_use_avx2 = true;
+
+bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool cpu_has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  static const bool cpu_has = false;
+#endif
+  return g_use_avx2 && cpu_has && avx2_compiled();
 }
+
+std::string set_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "auto" || isa == "baseline", "set_cpu_isa: isa must be 'auto' or 'baseline', got '", isa, "'");
+  g_use_avx2 = isa == "auto";
+  return use_avx2() ? "avx2" : "baseline";
+}
+}  // namespace cpu
+
+namespace {
 
 template <typename scalar_t>
 void alpha_kind(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
                 scalar_t* out, int64_t rows, int64_t m, double lr, double wd,
                 const math::RuntimePieces<double>& rp) {
-  switch (kind) {
-    case math::kRelu: return alpha_loop<math::kRelu>(pre, grad, zsq, out, rows, m, lr, wd, rp);
-    case math::kArctan: return alpha_loop<math::kArctan>(pre, grad, zsq, out, rows, m, lr, wd, rp);
-    case math::kHardtanh: return alpha_loop<math::kHardtanh>(pre, grad, zsq, out, rows, m, lr, wd, rp);
-    case math::kSmoothstep: return alpha_loop<math::kSmoothstep>(pre, grad, zsq, out, rows, m, lr, wd, rp);
-    case math::kIdentity: return alpha_loop<math::kIdentity>(pre, grad, zsq, out, rows, m, lr, wd, rp);
-    default: return alpha_loop<math::kPiecewise>(pre, grad, zsq, out, rows, m, lr, wd, rp);
-  }
+  const bool avx2 = cpu::use_avx2();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    if (avx2)
+      cpu::alpha_rows_avx2<scalar_t>(kind, pre, grad, zsq, out, r0, r1, m, lr, wd, rp.M, rp.knots, rp.coef);
+    else
+      cpu::alpha_rows_base<scalar_t>(kind, pre, grad, zsq, out, r0, r1, m, lr, wd, rp.M, rp.knots, rp.coef);
+  });
 }
 
 at::Tensor ib_alpha_cpu(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm,

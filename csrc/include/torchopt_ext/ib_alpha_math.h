@@ -29,8 +29,14 @@
 #define TOX_UNROLL
 #endif
 
+// TOX_MATH_NS lets a translation unit compiled for another instruction set (csrc/cpu/*_avx2.cpp)
+// give its copy of these inline templates a name of its own, so the linker never mixes them up.
+#ifndef TOX_MATH_NS
+#define TOX_MATH_NS math
+#endif
+
 namespace torchopt_ext {
-namespace math {
+namespace TOX_MATH_NS {
 
 // Activation kinds understood by the op (the Python side maps names to these numbers).
 enum Kind : int64_t {
@@ -309,5 +315,5 @@ TOX_HD T alpha_dispatch(T q, T b, T zsq, T eta, T mu, const RuntimePieces<T>& rp
   return alpha_piecewise(q, b, zsq, eta, mu, rp);
 }
 
-}  // namespace math
+}  // namespace TOX_MATH_NS
 }  // namespace torchopt_ext

@@ -1,0 +1,62 @@
+// The row loop of the CPU ib_alpha kernel, with no torch header, so that it can be compiled once
+// for baseline x86-64 (ib_alpha_cpu.cpp) and once for AVX2+FMA (ib_alpha_cpu_avx2.cpp); the
+// caller picks one at run time. Expects namespace alias `tm` for the solver namespace.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+// relu and identity stay in the input precision (and vectorise); the cubic solvers run in double,
+// where tau^2 and the cubic's coefficients cannot overflow.
+#define TOX_DEFINE_ALPHA_ROWS(FN)                                                                      \
+  template <int64_t KIND, typename scalar_t>                                                           \
+  static void FN##_kind(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
+                        int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,            \
+                        const double* knots, const double* coef) {                                     \
+    using acc_t = std::conditional_t<KIND == tm::kRelu || KIND == tm::kIdentity, scalar_t, double>;    \
+    const acc_t eta = static_cast<acc_t>(lr), mu = static_cast<acc_t>(wd);                             \
+    const tm::RuntimePieces<acc_t> rp{M, knots, coef};                                                 \
+    for (int64_t r = r0; r < r1; ++r) {                                                                \
+      const acc_t z = static_cast<acc_t>(zsq[r]);                                                      \
+      const scalar_t* p = pre + r * m;                                                                 \
+      const scalar_t* g = grad + r * m;                                                                \
+      scalar_t* o = out + r * m;                                                                       \
+      _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                            \
+        o[j] = static_cast<scalar_t>(tm::alpha_dispatch<KIND, acc_t>(                                  \
+            static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), z, eta, mu, rp));                      \
+      }                                                                                                \
+    }                                                                                                  \
+  }                                                                                                    \
+  template <typename scalar_t>                                                                         \
+  void FN(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
+          int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M, const double* knots,     \
+          const double* coef) {                                                                        \
+    switch (kind) {                                                                                    \
+      case tm::kRelu: return FN##_kind<tm::kRelu>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef); \
+      case tm::kArctan: return FN##_kind<tm::kArctan>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef); \
+      case tm::kHardtanh:                                                                              \
+        return FN##_kind<tm::kHardtanh>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef);       \
+      case tm::kSmoothstep:                                                                            \
+        return FN##_kind<tm::kSmoothstep>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef);     \
+      case tm::kIdentity:                                                                              \
+        return FN##_kind<tm::kIdentity>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef);       \
+      default: return FN##_kind<tm::kPiecewise>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef); \
+    }                                                                                                  \
+  }                                                                                                    \
+  template void FN<float>(int64_t, const float*, const float*, const float*, float*, int64_t, int64_t, \
+                          int64_t, double, double, int64_t, const double*, const double*);             \
+  template void FN<double>(int64_t, const double*, const double*, const double*, double*, int64_t,     \
+                           int64_t, int64_t, double, double, int64_t, const double*, const double*);
+
+namespace torchopt_ext {
+namespace cpu {
+// declarations of both variants (definitions in ib_alpha_cpu.cpp and ib_alpha_cpu_avx2.cpp)
+template <typename scalar_t>
+void alpha_rows_base(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
+                     scalar_t* out, int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,
+                     const double* knots, const double* coef);
+template <typename scalar_t>
+void alpha_rows_avx2(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
+                     scalar_t* out, int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,
+                     const double* knots, const double* coef);
+}  // namespace cpu
+}  // namespace torchopt_ext

@@ -1,0 +1,69 @@
+"""The autograd function of an implicit linear layer: y = sigma(x W^T + bias).
+
+Backward (DESIGN.md section 2, "the .grad convention"), with b = dL/dy, q = x W^T + bias and
+z = [x, 1]:
+    input grad  = (b * sigma'(q)) @ W                         (ordinary explicit backprop)
+    weight grad = mu W / (1 + eta mu) + sum_i alpha_i x_i^T   (bias: mu bias/(1+eta mu) + sum_i alpha_i)
+so that SGD's theta - eta * grad is exactly the implicit step. eta and mu are read from the owning
+optimizer's param group when the backward runs (see hyper.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from torchopt_ext import activations as _act
+from torchopt_ext.nn import hyper
+from torchopt_ext.nn.activation_fns import functions
+from torchopt_ext.nn.alpha import alpha as _alpha
+
+
+class ImplicitLinearFunction(torch.autograd.Function):
+    """sigma(x W^T + bias) whose weight/bias gradients are the implicit-backprop gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act: _act.Activation, layer):
+        q = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, q)
+        ctx.act, ctx.layer = act, layer
+        return functions(act)[0](q)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, q = ctx.saved_tensors
+        act, layer = ctx.act, ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, m = weight.shape[1], weight.shape[0]
+        grad_x = grad_w = grad_bias = None
+        if need_x:
+            grad_x = (grad_y * functions(act)[1](q)) @ weight
+        if need_w or need_b:
+            eta, mu, maximize = hyper.resolve(layer, weight)
+            x2 = x.reshape(-1, n)
+            q2 = q.reshape(-1, m)
+            b2 = grad_y.reshape(-1, m)
+            if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
+                b2 = -b2
+            # ||z||^2 with the bias's trailing 1
+            z_sqnorm = (x2 * x2).sum(-1)
+            if bias is not None:
+                z_sqnorm = z_sqnorm + 1.0
+            a = _alpha(q2, b2, z_sqnorm, eta, mu, act)
+            shrink = mu / (1.0 + eta * mu)  # the decay part of theta/(1+eta mu), written as a gradient
+            sign = -1.0 if maximize else 1.0
+            if need_w:
+                if shrink:
+                    grad_w = torch.addmm(weight, a.t(), x2, beta=shrink * sign, alpha=sign)
+                else:
+                    grad_w = a.t() @ x2 if sign > 0 else -(a.t() @ x2)
+            if need_b and bias is not None:
+                grad_bias = sign * (a.sum(0) + shrink * bias)
+        return grad_x, grad_w, grad_bias, None, None
+
+
+def implicit_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    activation, layer: torch.nn.Module) -> torch.Tensor:
+    """sigma(x W^T + bias) with implicit-backprop gradients; ``layer`` supplies eta and mu."""
+    return ImplicitLinearFunction.apply(x, weight, bias, _act.get(activation), layer)

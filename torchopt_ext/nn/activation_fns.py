@@ -13,11 +13,6 @@ import torch.nn.functional as F
 from torchopt_ext import activations as _act
 
 
-def _smoothstep(u):
-    v = u.clamp(-1.0, 1.0)
-    return v * (1.5 - 0.5 * v * v)
-
-
 def _smoothstep_d(u):
     inside = (u > -1.0) & (u <= 1.0)
     return torch.where(inside, 1.5 * (1.0 - u * u), torch.zeros_like(u))
@@ -31,7 +26,7 @@ _FAST = {
     _act.KIND_RELU: (torch.relu, lambda u: (u > 0).to(u.dtype)),
     _act.KIND_ARCTAN: (torch.atan, lambda u: 1.0 / (1.0 + u * u)),
     _act.KIND_HARDTANH: (F.hardtanh, _hardtanh_d),
-    _act.KIND_SMOOTHSTEP: (_smoothstep, _smoothstep_d),
+    _act.KIND_SMOOTHSTEP: (_act.smoothstep, _smoothstep_d),
     _act.KIND_IDENTITY: (lambda u: u, torch.ones_like),
 }
 

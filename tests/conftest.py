@@ -1,0 +1,4 @@
+import torch
+
+# keep runs small: the machine is shared
+torch.set_num_threads(1)

@@ -1,6 +1,8 @@
 """Loads the compiled extension ``torchopt_ext._C`` once, or records why it could not be loaded."""
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C is imported)
+
 _C = None
 _ERROR = None
 

@@ -53,19 +53,21 @@ class ImplicitLinearFunction(torch.autograd.Function):
             if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
                 b2 = -b2
             # ||z||^2 with the bias's trailing 1
-            z_sqnorm = (x2 * x2).sum(-1)
+            z_sqnorm = torch.linalg.vecdot(x2, x2)
             if bias is not None:
-                z_sqnorm = z_sqnorm + 1.0
+                z_sqnorm += 1.0
             a = _alpha(q2, b2, z_sqnorm, eta, mu, act)
             shrink = mu / (1.0 + eta * mu)  # the decay part of theta/(1+eta mu), written as a gradient
-            sign = -1.0 if maximize else 1.0
+            if maximize:
+                a = -a
             if need_w:
-                if shrink:
-                    grad_w = torch.addmm(weight, a.t(), x2, beta=shrink * sign, alpha=sign)
-                else:
-                    grad_w = a.t() @ x2 if sign > 0 else -(a.t() @ x2)
+                # one addmm writes sum_i alpha_i x_i^T plus the signed decay term
+                grad_w = (torch.addmm(weight, a.t(), x2, beta=-shrink if maximize else shrink)
+                          if shrink else a.t() @ x2)
             if need_b and bias is not None:
-                grad_bias = sign * (a.sum(0) + shrink * bias)
+                grad_bias = a.sum(0)
+                if shrink:
+                    grad_bias = grad_bias.add_(bias, alpha=-shrink if maximize else shrink)
         return grad_x, grad_w, grad_bias, None, None
 
 

@@ -191,3 +191,21 @@ def test_bad_inputs_raise_clear_errors():
         ImplicitRNN(3, 4)(torch.randn(5, 2, 2))
     with pytest.raises(ValueError, match="fit must"):
         implicit(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), fit=["swish"])
+
+
+def test_rnn_shapes_and_optimizer_owned_lr():
+    from torchopt_ext.optim import ImplicitSGD
+
+    torch.manual_seed(0)
+    rnn = ImplicitRNN(3, 4, "smoothstep", num_layers=2, batch_first=True)
+    opt = ImplicitSGD(rnn.parameters(), lr=0.1, weight_decay=0.01)
+    x = torch.randn(5, 7, 3)
+    out, h_n = rnn(x)
+    assert out.shape == (5, 7, 4) and h_n.shape == (2, 5, 4)
+    assert torch.equal(out[:, -1], h_n[-1])
+    out.pow(2).mean().backward()
+    opt.step()
+    out1, h1 = rnn(torch.randn(7, 3))  # unbatched
+    assert out1.shape == (7, 4) and h1.shape == (2, 4)
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        rnn(x, torch.zeros(1, 5, 4))

@@ -153,6 +153,11 @@ def test_state_dict_deepcopy_and_pickle():
     both = pickle.loads(pickle.dumps({"model": model, "opt": opt}))
     _loss(both["model"], x, y).backward()
     both["opt"].step()
+    # copies keep the implicit tag on the layers' parameters (no double decay for a new optimizer)
+    from torchopt_ext.nn.hyper import is_implicit
+
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert [is_implicit(p) for p in clone.parameters()] == [True, True, False, False, True, True]
     # a pickled model alone has no optimizer: its backward says so
     alone = pickle.loads(pickle.dumps(model))
     with pytest.raises(RuntimeError, match="ImplicitSGD"):

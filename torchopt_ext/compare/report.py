@@ -33,7 +33,8 @@ def write_markdown(path: str, summary: List[dict], divergence: dict, config: dic
 
 
 def write_plot(path: str, summary: List[dict]) -> None:
-    """Final training loss vs lr (log-log), mean ± std band per method; diverged lrs marked x."""
+    """Final training loss vs lr (log-log), mean ± std band per method; diverged lrs marked x
+    above the curves (IB's row slightly higher so both stay visible)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +46,7 @@ def write_plot(path: str, summary: List[dict]) -> None:
         rows = [r for r in summary if r["task"] == task]
         finite = [r["mean"] for r in rows if math.isfinite(r["mean"])]
         top = max(finite) * 2 if finite else 1.0
-        for method, color in (("eb", "tab:red"), ("ib", "tab:blue")):
+        for method, color, lift in (("eb", "tab:red", 1.0), ("ib", "tab:blue", 1.4)):
             mr = [r for r in rows if r["method"] == method]
             ok = [r for r in mr if math.isfinite(r["mean"])]
             if ok:
@@ -57,7 +58,7 @@ def write_plot(path: str, summary: List[dict]) -> None:
                 ax.fill_between(lr, lo, hi, color=color, alpha=0.2)
             bad = [r["lr"] for r in mr if not math.isfinite(r["mean"])]
             if bad:
-                ax.plot(bad, [top] * len(bad), "x", color=color, label=f"{method.upper()} diverged")
+                ax.plot(bad, [top * lift] * len(bad), "x", color=color, label=f"{method.upper()} diverged")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("learning rate")

@@ -1,7 +1,7 @@
 """Layer microbenchmark: an implicit layer's forward+backward+step against explicit backprop.
 
 Three ways to train the same n -> m layer on one batch, timed side by side in one run (interleaved
-rounds, median per method, so machine noise hits all three alike):
+rounds, fastest round per method, so machine noise hits all three alike):
   eb     nn.Linear + activation (autograd) + torch.optim.SGD
   ib     torchopt_ext.nn.ImplicitLinear + ImplicitSGD (compiled alpha)
   naive  the same implicit gradient with alpha from plain torch ops (ib_alpha_reference), as the
@@ -12,7 +12,6 @@ activation's counted flops per alpha solve.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from typing import Callable, Dict, Iterable, List, Sequence
 
@@ -91,12 +90,12 @@ def _time(fn: Callable[[], None], iters: int) -> float:
 
 
 def run(sizes: Sequence[int] = (100, 300, 1000, 3000), batch: int = 256,
-        activations: Iterable[str] = ACTIVATIONS, repeats: int = 7, min_time: float = 0.02,
+        activations: Iterable[str] = ACTIVATIONS, repeats: int = 9, min_time: float = 0.02,
         dtype=torch.float32) -> List[dict]:
     """Time eb, ib and naive for every n = m in ``sizes`` and every activation.
 
     Each round times every method for the same number of iterations (chosen so one measurement
-    takes about ``min_time`` seconds); the median over ``repeats`` rounds is reported. Returns one
+    takes about ``min_time`` seconds); the fastest of ``repeats`` rounds is reported. Returns one
     dict per (activation, n): seconds per step of each method, ib/eb, naive/ib and the flop bound.
     """
     rows = []
@@ -112,7 +111,9 @@ def run(sizes: Sequence[int] = (100, 300, 1000, 3000), batch: int = 256,
             for _ in range(repeats):
                 for k, fn in steps.items():
                     times[k].append(_time(fn, iters))
-            med = {k: statistics.median(v) for k, v in times.items()}
+            # the minimum over rounds: on a shared machine other jobs only ever add time, so the
+            # least-disturbed round is the best estimate of each method's own cost
+            med = {k: min(v) for k, v in times.items()}
             rows.append({
                 "activation": act, "n": n, "m": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
                 "eb_s": med["eb"], "ib_s": med["ib"], "naive_s": med["naive"],

@@ -173,8 +173,9 @@ def test_implicit_keeps_outputs_and_reports():
     fitted, rep2 = implicit(model, fit=["tanh"])
     assert len(rep2.converted) == 5 and 0 < rep2.max_fit_error < 1e-3
     assert torch.allclose(fitted(x), model(x), atol=1e-3)
+    w0 = model[0].weight
     same, _ = implicit(model, inplace=True)
-    assert same is model and isinstance(model[0], ImplicitLinear)
+    assert same is model and isinstance(model[0], ImplicitLinear) and model[0].weight is w0
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from torchopt_ext import activations as _act
+from torchopt_ext.nn import hyper
 from torchopt_ext.nn.linear import ImplicitLinear
 from torchopt_ext.nn.modules import Arctan, Smoothstep
 from torchopt_ext.nn.rnn import ImplicitRNN
@@ -93,11 +94,12 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, fit_types, report: Conv
             continue
         new = ImplicitLinear(lin.in_features, lin.out_features, act, bias=lin.bias is not None,
                              device=lin.weight.device, dtype=lin.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                new.bias.copy_(lin.bias)
-        new.weight.requires_grad_(lin.weight.requires_grad)
+        # the Linear's own Parameter objects move over (values, requires_grad, hooks and any
+        # outside references stay valid), now tagged implicit
+        new.weight = lin.weight
+        if lin.bias is not None:
+            new.bias = lin.bias
+        hyper.mark(new)
         seq._modules[name] = new
         seq._modules[names[i + 1]] = nn.Identity()
         a = _act.get(act)
@@ -118,7 +120,8 @@ def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, Iter
             such as ("tanh",).
 
     Returns (model, report): the converted model and a ConversionReport listing what became
-    implicit and which parameterised modules stay explicit.
+    implicit and which parameterised modules stay explicit. Create the ImplicitSGD after
+    converting: it recognises the implicit parameters when it is constructed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"implicit: model must be a torch.nn.Module, got {type(model).__name__}")

@@ -34,6 +34,15 @@ def flop_bound(n: int, m: int, activation) -> float:
     return math.nan if c is None else (2 * n + c * m) / (3 * n * m)
 
 
+def target(n: int, activation: str) -> float:
+    """The issue's ceiling for IB/EB at n = m: 1.25 at n = 100 (arctan: none there), otherwise
+    1 + bound + 0.10 (arctan at n = 300: + 0.25)."""
+    bound = flop_bound(n, n, activation)
+    if activation == "arctan":
+        return math.nan if n < 300 else 1 + bound + (0.25 if n < 1000 else 0.10)
+    return 1.25 if n < 300 else 1 + bound + 0.10
+
+
 class _NaiveIB(torch.autograd.Function):
     """Implicit linear layer whose alpha comes from plain torch ops (the eager baseline)."""
 
@@ -118,20 +127,29 @@ def run(sizes: Sequence[int] = (100, 300, 1000, 3000), batch: int = 256,
                 "activation": act, "n": n, "m": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
                 "eb_s": med["eb"], "ib_s": med["ib"], "naive_s": med["naive"],
                 "ib_over_eb": med["ib"] / med["eb"], "naive_over_ib": med["naive"] / med["ib"],
-                "flop_bound": flop_bound(n, n, act), "threads": torch.get_num_threads(),
+                "flop_bound": flop_bound(n, n, act), "target": target(n, act),
+                "threads": torch.get_num_threads(),
             })
     return rows
 
 
+def _target_cell(r: dict) -> str:
+    t = r.get("target", math.nan)
+    if not math.isfinite(t):
+        return "-"
+    return f"{t:.3f} {'met' if r['ib_over_eb'] <= t else 'MISSED'}"
+
+
 def format_table(rows: List[dict]) -> str:
-    """Markdown table of ``run``'s rows: times, IB/EB next to 1 + flop bound, naive/IB."""
-    head = ("| activation | n = m | EB ms | IB ms | naive IB ms | IB/EB | 1 + flop bound | naive/IB |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    """Markdown table of ``run``'s rows: times, IB/EB next to 1 + flop bound and the issue's
+    target (met / MISSED), naive/IB."""
+    head = ("| activation | n = m | EB ms | IB ms | naive IB ms | IB/EB | 1 + flop bound | target IB/EB "
+            "| naive/IB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['activation']} | {r['n']} | {1e3 * r['eb_s']:.3f} | {1e3 * r['ib_s']:.3f} | "
             f"{1e3 * r['naive_s']:.3f} | {r['ib_over_eb']:.3f} | {1 + r['flop_bound']:.4f} | "
-            f"{r['naive_over_ib']:.2f} |"
+            f"{_target_cell(r)} | {r['naive_over_ib']:.2f} |"
         )
     return "\n".join(lines)

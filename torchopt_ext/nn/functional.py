@@ -53,9 +53,11 @@ class ImplicitLinearFunction(torch.autograd.Function):
             if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
                 b2 = -b2
             # ||z||^2 with the bias's trailing 1
-            z_sqnorm = torch.linalg.vecdot(x2, x2)
-            if bias is not None:
-                z_sqnorm += 1.0
+            z_sqnorm = None
+            if act.kind != _act.KIND_IDENTITY:  # identity's alpha does not depend on ||z||^2
+                z_sqnorm = torch.linalg.vecdot(x2, x2)
+                if bias is not None:
+                    z_sqnorm += 1.0
             a = _alpha(q2, b2, z_sqnorm, eta, mu, act)
             shrink = mu / (1.0 + eta * mu)  # the decay part of theta/(1+eta mu), written as a gradient
             if maximize:

@@ -51,7 +51,8 @@ def owner(p: torch.Tensor):
     return None if ref is None else ref()
 
 
-def _as_float(name: str, value) -> float:
+def _as_float(value) -> float:
+    # torch.optim allows a tensor lr; the kernels take a Python float
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
@@ -66,14 +67,14 @@ def resolve(layer: torch.nn.Module, weight: torch.Tensor) -> Hyper:
         for group in opt.param_groups:
             if any(p is weight for p in group["params"]):
                 return Hyper(
-                    _as_float("lr", group["lr"]),
-                    _as_float("weight_decay", group.get("weight_decay", 0.0)),
+                    _as_float(group["lr"]),
+                    _as_float(group.get("weight_decay", 0.0)),
                     bool(group.get("maximize", False)),
                 )
     lr: Optional[float] = getattr(layer, "lr", None)
     if lr is not None:
         mu = getattr(layer, "weight_decay", None)
-        return Hyper(_as_float("lr", lr), 0.0 if mu is None else _as_float("weight_decay", mu), False)
+        return Hyper(_as_float(lr), 0.0 if mu is None else _as_float(mu), False)
     raise RuntimeError(
         f"{type(layer).__name__}: backward needs the learning rate eta, but no "
         "torchopt_ext.optim.ImplicitSGD manages this layer's weight. Create "

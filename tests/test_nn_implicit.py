@@ -210,3 +210,19 @@ def test_rnn_shapes_and_optimizer_owned_lr():
     assert out1.shape == (7, 4) and h1.shape == (2, 4)
     with pytest.raises(ValueError, match="h0 must have shape"):
         rnn(x, torch.zeros(1, 5, 4))
+
+
+def test_autocast_bfloat16_runs_and_stays_close():
+    torch.manual_seed(0)
+    layer = ImplicitLinear(8, 6, "arctan")
+    layer.lr, layer.weight_decay = 0.1, 0.01
+    x = torch.randn(16, 8, requires_grad=True)
+    layer(x).pow(2).mean().backward()
+    ref_w, ref_x = layer.weight.grad.clone(), x.grad.clone()
+    layer.weight.grad = layer.bias.grad = x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().pow(2).mean().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert torch.allclose(layer.weight.grad, ref_w, atol=0.05 * ref_w.abs().max())
+    assert torch.allclose(x.grad, ref_x, atol=0.05 * ref_x.abs().max())

@@ -43,13 +43,16 @@ class ImplicitLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, m = weight.shape[1], weight.shape[0]
         grad_x = grad_w = grad_bias = None
+        # under autocast q, grad_y (and x) may be float16/bfloat16: the gradients are formed in the
+        # weight's dtype (autograd casts grad_x back to x's dtype)
+        wdt = weight.dtype
         if need_x:
-            grad_x = (grad_y * functions(act)[1](q)) @ weight
+            grad_x = (grad_y * functions(act)[1](q)).to(wdt) @ weight
         if need_w or need_b:
             eta, mu, maximize = hyper.resolve(layer, weight)
-            x2 = x.reshape(-1, n)
-            q2 = q.reshape(-1, m)
-            b2 = grad_y.reshape(-1, m)
+            x2 = x.reshape(-1, n).to(wdt)
+            q2 = q.reshape(-1, m).to(wdt)
+            b2 = grad_y.reshape(-1, m).to(wdt)
             if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
                 b2 = -b2
             # ||z||^2 with the bias's trailing 1

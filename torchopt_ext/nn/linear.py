@@ -21,6 +21,10 @@ class ImplicitLinear(nn.Module):
     ``weight`` at backward time; an unmanaged layer uses ``lr`` / ``weight_decay`` if you set them,
     and raises otherwise.
 
+    Each backward through the layer writes the decay term mu W/(1+eta mu) once (DESIGN.md's .grad
+    convention). Calling the layer k times before one backward (weight sharing), or accumulating k
+    backwards before one step, therefore adds the decay k times; use weight_decay=0 there or divide.
+
     Args:
         in_features, out_features: sizes n and m.
         activation: "relu", "arctan", "hardtanh", "smoothstep", "identity" or a PiecewiseCubic.

@@ -1,7 +1,7 @@
 """Loads the compiled extension ``torchopt_ext._C`` once, or records why it could not be loaded."""
 import warnings
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C is imported)
+import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 _C = None
 _ERROR = None

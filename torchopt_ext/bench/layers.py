@@ -60,17 +60,17 @@ class _NaiveIB(torch.autograd.Function):
         return None, a.t() @ x, a.sum(0), None
 
 
-def _steppers(n: int, m: int, batch: int, act: str, dtype) -> Dict[str, Callable[[], None]]:
+def _steppers(n: int, m: int, batch: int, act: str, dtype, device="cpu") -> Dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    x = torch.randn(batch, n, dtype=dtype)
-    g = torch.randn(batch, m, dtype=dtype) / batch
+    x = torch.randn(batch, n, dtype=dtype, device=device)
+    g = torch.randn(batch, m, dtype=dtype, device=device) / batch
     sigma = functions(_act.get(act))[0]
 
-    eb = nn.Linear(n, m, dtype=dtype)
+    eb = nn.Linear(n, m, dtype=dtype, device=device)
     eb_opt = torch.optim.SGD(eb.parameters(), lr=LR)
-    ib = ImplicitLinear(n, m, act, dtype=dtype)
+    ib = ImplicitLinear(n, m, act, dtype=dtype, device=device)
     ib_opt = ImplicitSGD(ib.parameters(), lr=LR)
-    nv = nn.Linear(n, m, dtype=dtype)
+    nv = nn.Linear(n, m, dtype=dtype, device=device)
     nv_opt = torch.optim.SGD(nv.parameters(), lr=LR)
 
     def step_eb():
@@ -91,35 +91,42 @@ def _steppers(n: int, m: int, batch: int, act: str, dtype) -> Dict[str, Callable
     return {"eb": step_eb, "ib": step_ib, "naive": step_naive}
 
 
-def _time(fn: Callable[[], None], iters: int) -> float:
+def _time(fn: Callable[[], None], iters: int, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
+    sync()  # CUDA launches are asynchronous: wait for the work before reading the clock
     return (time.perf_counter() - t0) / iters
 
 
 def run(sizes: Sequence[int] = (100, 300, 1000, 3000), batch: int = 256,
         activations: Iterable[str] = ACTIVATIONS, repeats: int = 9, min_time: float = 0.02,
-        dtype=torch.float32) -> List[dict]:
+        dtype=torch.float32, device="cpu", quick: bool = False) -> List[dict]:
     """Time eb, ib and naive for every n = m in ``sizes`` and every activation.
 
     Each round times every method for the same number of iterations (chosen so one measurement
     takes about ``min_time`` seconds); the fastest of ``repeats`` rounds is reported. Returns one
     dict per (activation, n): seconds per step of each method, ib/eb, naive/ib and the flop bound.
+    ``quick``: 3 rounds of about 5 ms, for a smoke run. ``device``: "cpu" or "cuda".
     """
+    device = torch.device(device)
+    if quick:
+        repeats, min_time = 3, 0.005
     rows = []
     for act in activations:
         for n in sizes:
-            steps = _steppers(n, n, batch, act, dtype)
+            steps = _steppers(n, n, batch, act, dtype, device)
             for fn in steps.values():  # warm-up (allocations, lazy init)
                 fn()
                 fn()
-            t1 = _time(steps["ib"], 1)
+            t1 = _time(steps["ib"], 1, device)
             iters = max(1, int(min_time / max(t1, 1e-6)))
             times = {k: [] for k in steps}
             for _ in range(repeats):
                 for k, fn in steps.items():
-                    times[k].append(_time(fn, iters))
+                    times[k].append(_time(fn, iters, device))
             # the minimum over rounds: on a shared machine other jobs only ever add time, so the
             # least-disturbed round is the best estimate of each method's own cost
             med = {k: min(v) for k, v in times.items()}
@@ -128,7 +135,7 @@ def run(sizes: Sequence[int] = (100, 300, 1000, 3000), batch: int = 256,
                 "eb_s": med["eb"], "ib_s": med["ib"], "naive_s": med["naive"],
                 "ib_over_eb": med["ib"] / med["eb"], "naive_over_ib": med["naive"] / med["ib"],
                 "flop_bound": flop_bound(n, n, act), "target": target(n, act),
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), "device": str(device),
             })
     return rows
 

@@ -1,0 +1,82 @@
+"""The autograd function of an implicit linear layer: y = sigma(x W^T + bias).
+
+Backward (DESIGN.md section 2, "the .grad convention"), with b = dL/dy, q = x W^T + bias and
+z = [x, 1]:
+    input grad  = (b * sigma'(q)) @ W                         (ordinary explicit backprop)
+    weight grad = mu W / (1 + eta mu) + sum_i alpha_i x_i^T   (bias: mu bias/(1+eta mu) + sum_i alpha_i)
+so that SGD's theta - eta * grad is exactly the implicit step. eta and mu are read from the owning
+optimizer's param group when the backward runs (see hyper.py).
+
+Scaling of b (alpha is nonlinear in b, so it matters): b is the loss's gradient as given. With a
+mean-reduced loss over B samples each sample's b carries 1/B. Under DistributedDataParallel with R
+ranks each rank solves its own samples with b_i = (1/B_rank) dl_i/dy and DDP then averages the
+gradients, so the step is mu theta/(1+eta mu) + (1/R) sum_ranks sum_i alpha_i(b_i) z_i, which is not
+the single-process step on the mean over all R*B_rank samples (tests/test_ddp_implicit.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from torchopt_ext import activations as _act
+from torchopt_ext.nn import hyper
+from torchopt_ext.nn.activation_fns import functions
+from torchopt_ext.nn.alpha import alpha as _alpha
+
+
+class ImplicitLinearFunction(torch.autograd.Function):
+    """sigma(x W^T + bias) whose weight/bias gradients are the implicit-backprop gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act: _act.Activation, layer):
+        q = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, q)
+        ctx.act, ctx.layer = act, layer
+        return functions(act)[0](q)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, q = ctx.saved_tensors
+        act, layer = ctx.act, ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, m = weight.shape[1], weight.shape[0]
+        grad_x = grad_w = grad_bias = None
+        # under autocast q, grad_y (and x) may be float16/bfloat16: the gradients are formed in the
+        # weight's dtype (autograd casts grad_x back to x's dtype)
+        wdt = weight.dtype
+        if need_x:
+            grad_x = (grad_y * functions(act)[1](q)).to(wdt) @ weight
+        if need_w or need_b:
+            eta, mu, maximize = hyper.resolve(layer, weight)
+            x2 = x.reshape(-1, n).to(wdt)
+            q2 = q.reshape(-1, m).to(wdt)
+            b2 = grad_y.reshape(-1, m).to(wdt)
+            if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
+                b2 = -b2
+            # ||z||^2 with the bias's trailing 1
+            z_sqnorm = None
+            if act.kind != _act.KIND_IDENTITY:  # identity's alpha does not depend on ||z||^2
+                z_sqnorm = torch.linalg.vecdot(x2, x2)
+                if bias is not None:
+                    z_sqnorm += 1.0
+            a = _alpha(q2, b2, z_sqnorm, eta, mu, act)
+            shrink = mu / (1.0 + eta * mu)  # the decay part of theta/(1+eta mu), written as a gradient
+            if maximize:
+                a = -a
+            if need_w:
+                # one addmm writes sum_i alpha_i x_i^T plus the signed decay term
+                grad_w = (torch.addmm(weight, a.t(), x2, beta=-shrink if maximize else shrink)
+                          if shrink else a.t() @ x2)
+            if need_b and bias is not None:
+                grad_bias = a.sum(0)
+                if shrink:
+                    grad_bias = grad_bias.add_(bias, alpha=-shrink if maximize else shrink)
+        return grad_x, grad_w, grad_bias, None, None
+
+
+def implicit_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    activation, layer: torch.nn.Module) -> torch.Tensor:
+    """sigma(x W^T + bias) with implicit-backprop gradients; ``layer`` supplies eta and mu."""
+    return ImplicitLinearFunction.apply(x, weight, bias, _act.get(activation), layer)

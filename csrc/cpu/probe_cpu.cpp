@@ -1,0 +1,59 @@
+// CPU kernels of torchopt_ext::probe_move_ and torchopt_ext::newton_lr.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "torchopt_ext/probe_check.h"
+#include "torchopt_ext/probe_math.h"
+
+namespace torchopt_ext {
+namespace {
+
+// p = saved - h*d, formed in double for float32/float64 so that probe points eps apart are resolved
+// exactly up to the final rounding (h itself is eta + j*eps in double).
+template <typename scalar_t>
+void move_one(scalar_t* p, const scalar_t* s, const scalar_t* d, int64_t n, double h) {
+  at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i)
+      p[i] = static_cast<scalar_t>(static_cast<double>(s[i]) - h * static_cast<double>(d[i]));
+  });
+}
+
+void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList direction, const at::Tensor& step) {
+  check_probe_move_args(params, saved, direction, step);
+  const double h = step.item<double>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu(), "probe_move_: the CPU kernel got params[", i, "] on ", p.device());
+    const bool fast = p.is_contiguous() && saved[i].is_contiguous() && direction[i].is_contiguous() &&
+                      (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble);
+    if (!fast) {  // rare layouts and dtypes: same formula through ATen
+      p.copy_(saved[i].to(at::kDouble).sub(direction[i].to(at::kDouble), h));
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "probe_move_cpu", [&] {
+      move_one<scalar_t>(p.data_ptr<scalar_t>(), saved[i].data_ptr<scalar_t>(), direction[i].data_ptr<scalar_t>(),
+                         p.numel(), h);
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> newton_lr_cpu(const at::Tensor& losses, const at::Tensor& eta,
+                                                 const at::Tensor& velocity, double eps, double delta, double beta) {
+  check_newton_lr_args(losses, eta, velocity);
+  auto f = losses.to(at::kDouble).contiguous();
+  double eta_next = 0.0, v_next = 0.0;
+  math::newton_lr_update(f.data_ptr<double>(), eta.item<double>(), velocity.item<double>(), eps, delta, beta,
+                         &eta_next, &v_next);
+  auto opts = losses.options().dtype(at::kDouble);
+  return {at::scalar_tensor(eta_next, opts), at::scalar_tensor(v_next, opts)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) {
+  m.impl("probe_move_", &probe_move_cpu);
+  m.impl("newton_lr", &newton_lr_cpu);
+}
+
+}  // namespace torchopt_ext

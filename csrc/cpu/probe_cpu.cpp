@@ -28,7 +28,7 @@ void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList 
     const bool fast = p.is_contiguous() && saved[i].is_contiguous() && direction[i].is_contiguous() &&
                       (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble);
     if (!fast) {  // rare layouts and dtypes: same formula through ATen
-      p.copy_(saved[i].to(at::kDouble).sub(direction[i].to(at::kDouble), h));
+      p.copy_(saved[i].to(at::kDouble) - direction[i].to(at::kDouble) * h);  // two roundings, like the loop
       continue;
     }
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "probe_move_cpu", [&] {

@@ -58,7 +58,7 @@ def probe_move_reference_(params, saved, direction, step) -> None:
     h = step.detach().to(torch.float64)
     with torch.no_grad():
         for p, s, d in zip(params, saved, direction):
-            p.copy_(s.to(torch.float64) - h.to(p.device) * d.to(torch.float64))
+            p.copy_(s.to(torch.float64) - d.to(torch.float64) * h.to(p.device))
 
 
 def newton_lr(

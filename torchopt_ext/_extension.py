@@ -1,6 +1,8 @@
 """Loads the compiled extension ``torchopt_ext._C`` once, or records why it could not be loaded."""
 import warnings
 
+import torch  # noqa: F401  (loads libc10 & co., which _C links against, before importing _C)
+
 _C = None
 _ERROR = None
 

@@ -44,7 +44,7 @@ void probe_move_cuda(at::TensorList params, at::TensorList saved, at::TensorList
     const auto t = params[i].scalar_type();
     const bool fast = params[i].is_contiguous() && saved[i].is_contiguous() && direction[i].is_contiguous() &&
                       (t == at::kFloat || t == at::kDouble);
-    if (!fast) params[i].copy_(saved[i].to(at::kDouble) - direction[i].to(at::kDouble) * h);
+    if (!fast) params[i].copy_(saved[i] - direction[i] * h);  // the reference's formula
   }
 }
 

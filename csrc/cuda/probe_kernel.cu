@@ -16,15 +16,19 @@ struct MoveChunk {
   int64_t n[kProbeChunk];
 };
 
+// products rounded on their own (no fused multiply-add), so CUDA matches the CPU kernel bitwise
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 template <typename T>
 __global__ void probe_move_kernel(MoveChunk c, const double* __restrict__ step) {
   const int t = blockIdx.y;
   T* __restrict__ p = static_cast<T*>(c.p[t]);
   const T* __restrict__ s = static_cast<const T*>(c.s[t]);
   const T* __restrict__ d = static_cast<const T*>(c.d[t]);
-  const double h = *step;  // formed in double, as on the CPU
+  const T h = static_cast<T>(*step);  // rounded to T once, as on the CPU
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < c.n[t]; i += (int64_t)gridDim.x * blockDim.x)
-    p[i] = static_cast<T>(static_cast<double>(s[i]) - h * static_cast<double>(d[i]));
+    p[i] = s[i] - mul_rn(d[i], h);
 }
 
 __global__ void newton_lr_kernel(const double* f, const double* eta, const double* v, double eps, double delta,

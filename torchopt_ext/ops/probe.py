@@ -53,12 +53,12 @@ def probe_move_(
 
 
 def probe_move_reference_(params, saved, direction, step) -> None:
-    """``probe_move_`` in plain PyTorch: formed in float64, rounded once to the parameter's dtype."""
+    """``probe_move_`` in plain PyTorch: ``saved - direction * h`` in the parameter's dtype (h rounded to it)."""
     _check_lists(params, saved, direction, step)
     h = step.detach().to(torch.float64)
     with torch.no_grad():
         for p, s, d in zip(params, saved, direction):
-            p.copy_(s.to(torch.float64) - d.to(torch.float64) * h.to(p.device))
+            p.copy_(s - d * h.to(p.device))
 
 
 def newton_lr(

@@ -113,6 +113,7 @@ class AdaptiveLRSGD(Optimizer):
         self.batched = bool(batched)
         self.last_probe_losses: Optional[torch.Tensor] = None
         self._saved = {}  # param -> its copy during the probes; scratch, deliberately not in state_dict
+        self._offsets = {}  # device -> the j of the probes as a float64 tensor
         self._eta_set: Optional[float] = None
         self._warned = False
 
@@ -156,17 +157,18 @@ class AdaptiveLRSGD(Optimizer):
                 s = self._saved[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
             s.copy_(p)
             saved.append(s)
-        losses = torch.empty(5, dtype=torch.float64, device=steps.device)
         try:
             with ProbeGuard(self.model, {p.device for p in params}) as guard:
                 if self.batched and hasattr(probe_fn, "batched"):
-                    losses.copy_(self._probe_batched(probe_fn, params, saved, dirs, steps))
+                    losses = self._probe_batched(probe_fn, params, saved, dirs, steps)
                 else:
+                    fs = []
                     for k in range(5):
                         guard.rewind()
                         probe_move_(params, saved, dirs, steps[k])
                         # float64 mean: per-sample losses lose no digits to a float32 reduction
-                        losses[k] = torch.as_tensor(probe_fn()).detach().to(torch.float64).mean()
+                        fs.append(torch.as_tensor(probe_fn()).detach().to(torch.float64).mean())
+                    losses = torch.stack(fs).to(steps.device)
         finally:
             for p, s in zip(params, saved):
                 p.copy_(s)  # bitwise back to w, whatever the closure did
@@ -183,7 +185,7 @@ class AdaptiveLRSGD(Optimizer):
                 points[name] = p.detach().expand(shape + p.shape)
                 continue
             h = steps.view((5,) + (1,) * p.dim())
-            points[name] = (saved[i].to(torch.float64) - h * dirs[i].to(torch.float64)).to(p.dtype)
+            points[name] = saved[i] - dirs[i] * h.to(p.dtype)  # probe_move_'s formula, five at once
         return probe_fn.batched(points).detach().to(torch.float64).reshape(5)
 
     @staticmethod
@@ -216,7 +218,10 @@ class AdaptiveLRSGD(Optimizer):
         dirs = self._directions(group, params)
         device = params[0].device
         h = group["eps"] * eta if group["relative_eps"] else group["eps"]
-        steps = eta + h * torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
+        offsets = self._offsets.get(device)
+        if offsets is None:
+            offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
+        steps = offsets.mul(h).add_(eta)  # eta + j*h
         losses = self._mean_over_ranks(self._probe(probe_fn, params, dirs, steps))
         self.last_probe_losses = losses
 
@@ -229,8 +234,8 @@ class AdaptiveLRSGD(Optimizer):
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
 
-        eta_t = torch.tensor(eta, dtype=torch.float64, device=device)
-        v_t = torch.tensor(group["lr_velocity"], dtype=torch.float64, device=device)
+        eta_t = torch.scalar_tensor(eta, dtype=torch.float64, device=device)
+        v_t = torch.scalar_tensor(group["lr_velocity"], dtype=torch.float64, device=device)
         if group["method"] == "newton":
             eta_next, v_next = newton_lr(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
         else:

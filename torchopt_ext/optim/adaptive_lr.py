@@ -166,9 +166,11 @@ class AdaptiveLRSGD(Optimizer):
                     for k in range(5):
                         guard.rewind()
                         probe_move_(params, saved, dirs, steps[k])
+                        f = torch.as_tensor(probe_fn()).detach()
                         # float64 mean: per-sample losses lose no digits to a float32 reduction
-                        fs.append(torch.as_tensor(probe_fn()).detach().to(torch.float64).mean())
-                    losses = torch.stack(fs).to(steps.device)
+                        fs.append(f if f.dim() == 0 else f.to(torch.float64).mean())
+                    losses = torch.stack([f.to(torch.float64) for f in fs]) if len({f.dtype for f in fs}) > 1 \
+                        else torch.stack(fs).to(torch.float64)
         finally:
             for p, s in zip(params, saved):
                 p.copy_(s)  # bitwise back to w, whatever the closure did

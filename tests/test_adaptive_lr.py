@@ -231,3 +231,23 @@ def test_tiny_compare_run(tmp_path):
         for lr0 in LRS:
             run_ = out["results"][name]["adaptive"][lr0][0]
             assert len(run_["eta"]) == 20 and all(math.isfinite(e) and e >= 1e-6 for e in run_["eta"])
+
+
+class _Wrapped(nn.Module):  # not a Sequential: the batched path falls back to vmap(functional_call)
+    def __init__(self):
+        super().__init__()
+        self.inner = _mlp(D)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_batched_vmap_fallback_equals_closure():
+    x, y = torch.randn(16, 8, dtype=D), torch.randint(0, 4, (16,))
+    lossf = nn.CrossEntropyLoss()
+    nets = [_Wrapped(), _Wrapped()]
+    opts = [AdaptiveLRSGD(n.parameters(), lr=0.1, eps=1e-3, batched=k == 1) for k, n in enumerate(nets)]
+    for net, opt in zip(nets, opts):
+        lossf(net(x), y).backward()
+        opt.step(FunctionalProbe(net, lossf, x, y))
+    torch.testing.assert_close(opts[0].last_probe_losses, opts[1].last_probe_losses, rtol=1e-12, atol=0)

@@ -4,10 +4,11 @@ Ravaut & Gorti's method (DESIGN.md section 3). Each ``step(closure)``:
 
 1. d = the SGD step direction (gradient + weight decay, through the momentum buffer as SGD does);
 2. the closure's loss is probed at ``w - (eta + j*h)*d``, j = -2..2 (h = eps, or eps*eta with
-   ``relative_eps=True``), every probe started from one saved copy of w by a fused kernel
-   (``ops.probe_move_``), under ``torch.no_grad`` and a ``ProbeGuard`` (same dropout mask in all
-   five, random stream, buffers and training flags restored);
-3. w is restored bitwise and takes ``torch.optim.SGD``'s own step with the current eta;
+   ``relative_eps=True``), each probe point written from w by a fused kernel (``ops.probe_move_``)
+   into scratch storage the parameters point at meanwhile, under ``torch.no_grad`` and a
+   ``ProbeGuard`` (same dropout mask in all five, random stream, buffers and training flags restored);
+3. the parameters point at w's untouched storage again and take ``torch.optim.SGD``'s own step with
+   the current eta;
 4. the next eta (written to the group's ``lr``) comes from the probe losses, on the device:
    ``method="newton"`` eq. 16/18/19 (+ momentum on eta, eq. 20-21, when ``lr_momentum > 0``),
    ``method="first_order"`` eq. 6-8 with ``f'(eta)`` as the central difference of the probes.
@@ -112,7 +113,7 @@ class AdaptiveLRSGD(Optimizer):
         self.model = model
         self.batched = bool(batched)
         self.last_probe_losses: Optional[torch.Tensor] = None
-        self._saved = {}  # param -> its copy during the probes; scratch, deliberately not in state_dict
+        self._scratch = {}  # param -> the storage it points at during the probes; not in state_dict
         self._offsets = {}  # device -> the j of the probes as a float64 tensor
         self._eta_set: Optional[float] = None
         self._warned = False
@@ -150,33 +151,39 @@ class AdaptiveLRSGD(Optimizer):
         return dirs
 
     def _probe(self, probe_fn: Callable, params, dirs, steps: torch.Tensor) -> torch.Tensor:
-        saved = []
+        # w never moves: during the probes each parameter points at scratch storage (swapping .data is
+        # O(1)) and probe_move_ writes w - (eta + j*h)*d there; afterwards the parameter points at w's
+        # own storage again, bit for bit, whatever the closure did. Saving and restoring w instead would
+        # cost two more passes over the parameters.
+        originals = [p.data for p in params]
+        if self.batched and hasattr(probe_fn, "batched"):
+            with ProbeGuard(self.model, {p.device for p in params}):
+                return self._probe_batched(probe_fn, params, originals, dirs, steps)
+        scratch = []
         for p in params:
-            s = self._saved.get(p)
-            if s is None or s.shape != p.shape or s.dtype != p.dtype:
-                s = self._saved[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            s.copy_(p)
-            saved.append(s)
+            s = self._scratch.get(p)
+            if s is None or s.shape != p.shape or s.dtype != p.dtype or s.stride() != p.stride():
+                s = self._scratch[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            scratch.append(s)
         try:
+            for p, s in zip(params, scratch):
+                p.data = s
             with ProbeGuard(self.model, {p.device for p in params}) as guard:
-                if self.batched and hasattr(probe_fn, "batched"):
-                    losses = self._probe_batched(probe_fn, params, saved, dirs, steps)
-                else:
-                    fs = []
-                    for k in range(5):
-                        guard.rewind()
-                        probe_move_(params, saved, dirs, steps[k])
-                        f = torch.as_tensor(probe_fn()).detach()
-                        # float64 mean: per-sample losses lose no digits to a float32 reduction
-                        fs.append(f if f.dim() == 0 else f.to(torch.float64).mean())
-                    losses = torch.stack([f.to(torch.float64) for f in fs]) if len({f.dtype for f in fs}) > 1 \
-                        else torch.stack(fs).to(torch.float64)
+                fs = []
+                for k in range(5):
+                    guard.rewind()
+                    probe_move_(params, originals, dirs, steps[k])
+                    f = torch.as_tensor(probe_fn()).detach()
+                    # float64 mean: per-sample losses lose no digits to a float32 reduction
+                    fs.append(f if f.dim() == 0 else f.to(torch.float64).mean())
         finally:
-            for p, s in zip(params, saved):
-                p.copy_(s)  # bitwise back to w, whatever the closure did
-        return losses
+            for p, w in zip(params, originals):
+                p.data = w
+        if len({f.dtype for f in fs}) > 1:
+            return torch.stack([f.to(torch.float64) for f in fs])
+        return torch.stack(fs).to(torch.float64)
 
-    def _probe_batched(self, probe_fn, params, saved, dirs, steps) -> torch.Tensor:
+    def _probe_batched(self, probe_fn, params, originals, dirs, steps) -> torch.Tensor:
         model = probe_fn.model
         index = {id(p): i for i, p in enumerate(params)}
         points = {}
@@ -187,7 +194,7 @@ class AdaptiveLRSGD(Optimizer):
                 points[name] = p.detach().expand(shape + p.shape)
                 continue
             h = steps.view((5,) + (1,) * p.dim())
-            points[name] = saved[i] - dirs[i] * h.to(p.dtype)  # probe_move_'s formula, five at once
+            points[name] = originals[i] - dirs[i] * h.to(p.dtype)  # probe_move_'s formula, five at once
         return probe_fn.batched(points).detach().to(torch.float64).reshape(5)
 
     @staticmethod

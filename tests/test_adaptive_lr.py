@@ -2,6 +2,7 @@
 schedulers, non-finite probe losses, the batched path."""
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -153,11 +154,19 @@ def test_state_dict_round_trips_eta_and_its_momentum():
         opt.step(loss)
     sd = opt.state_dict()
     w2 = nn.Parameter(w.detach().clone())
+    loss2 = lambda: 0.5 * w2 @ A @ w2 - b @ w2  # noqa: E731
     opt2 = AdaptiveLRSGD([w2], lr=1.0)
+    _grad_step(w2, loss2)
+    opt2.step(loss2)  # a stepped optimizer: loading must not read as an outside lr change
+    w2.data.copy_(w.detach())
     opt2.load_state_dict(sd)
     g1, g2 = opt.param_groups[0], opt2.param_groups[0]
     assert g2["lr"] == g1["lr"] and g2["lr_velocity"] == g1["lr_velocity"] != 0.0
     assert torch.equal(opt2.state[w2]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _grad_step(w2, loss2)
+        opt2.step(loss2)
 
 
 def test_lr_scheduler_warns():

@@ -123,6 +123,10 @@ class AdaptiveLRSGD(Optimizer):
             raise ValueError("AdaptiveLRSGD: one eta drives all parameters, so add_param_group is not supported")
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._eta_set = None  # the loaded lr is the learned eta, not an outside override
+
     # -- pieces of a step ----------------------------------------------------------------------
 
     def _warn_if_overridden(self, group) -> None:

@@ -260,3 +260,11 @@ def test_batched_vmap_fallback_equals_closure():
         lossf(net(x), y).backward()
         opt.step(FunctionalProbe(net, lossf, x, y))
     torch.testing.assert_close(opts[0].last_probe_losses, opts[1].last_probe_losses, rtol=1e-12, atol=0)
+
+
+def test_closure_may_return_a_python_float():
+    A, b, w, loss = _quadratic(seed=7)
+    opt = AdaptiveLRSGD([w], lr=0.01, eps=1e-3, delta=1e-15)
+    g = _grad_step(w, loss)
+    opt.step(lambda: loss().item())
+    assert opt.param_groups[0]["lr"] == pytest.approx(((g @ g) / (g @ A @ g)).item(), rel=1e-6)

@@ -177,7 +177,9 @@ class AdaptiveLRSGD(Optimizer):
                 for k in range(5):
                     guard.rewind()
                     probe_move_(params, originals, dirs, steps[k])
-                    f = torch.as_tensor(probe_fn()).detach()
+                    f = probe_fn()
+                    # a Python number keeps its float64 digits (as_tensor would round it to float32)
+                    f = f.detach() if isinstance(f, torch.Tensor) else torch.tensor(float(f), dtype=torch.float64)
                     # float64 mean: per-sample losses lose no digits to a float32 reduction
                     fs.append(f if f.dim() == 0 else f.to(torch.float64).mean())
         finally:
@@ -235,7 +237,7 @@ class AdaptiveLRSGD(Optimizer):
         if offsets is None:
             offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
         steps = offsets.mul(h).add_(eta)  # eta + j*h
-        losses = self._mean_over_ranks(self._probe(probe_fn, params, dirs, steps))
+        losses = self._mean_over_ranks(self._probe(probe_fn, params, dirs, steps).to(device))
         self.last_probe_losses = losses
 
         # the weight step: torch.optim.SGD's own code with the current eta, so bitwise equal to it

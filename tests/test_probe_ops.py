@@ -1,0 +1,138 @@
+"""The probe kernels against their pure-PyTorch references, and torch.library.opcheck on them."""
+import math
+
+import pytest
+import torch
+
+from torchopt_ext import extension_available
+from torchopt_ext.ops.probe import (
+    newton_lr,
+    newton_lr_reference,
+    probe_move_,
+    probe_move_reference_,
+)
+
+needs_ext = pytest.mark.skipif(not extension_available(), reason="compiled extension not built")
+
+
+def _lists(dtype, contiguous=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (3, 5), (64, 33), (1,), (0,)]
+    saved = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    dirs = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    if not contiguous:
+        saved = [torch.randn(s[::-1], generator=g, dtype=dtype).T if len(s) == 2 else x for s, x in zip(shapes, saved)]
+    params = [torch.zeros_like(s) for s in saved]
+    return params, saved, dirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_probe_move_equals_reference(dtype, contiguous):
+    params, saved, dirs = _lists(dtype, contiguous)
+    ref = [p.clone() for p in params]
+    step = torch.tensor(0.0123 + 2e-5, dtype=torch.float64)
+    probe_move_(params, saved, dirs, step)
+    probe_move_reference_(ref, saved, dirs, step)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+def test_probe_move_resolves_eps_steps_in_float64():
+    # probe points eps = 1e-5 apart must differ by exactly eps*d (to float64 rounding)
+    params, saved, dirs = _lists(torch.float64)
+    a = [p.clone() for p in params]
+    probe_move_(params, saved, dirs, torch.tensor(0.5 + 1e-5, dtype=torch.float64))
+    probe_move_(a, saved, dirs, torch.tensor(0.5, dtype=torch.float64))
+    for p, q, d in zip(params, a, dirs):
+        torch.testing.assert_close(q - p, 1e-5 * d, rtol=1e-9, atol=1e-15)
+
+
+def test_probe_move_errors_name_the_argument():
+    params, saved, dirs = _lists(torch.float32)
+    with pytest.raises(ValueError, match="one length"):
+        probe_move_(params, saved[:-1], dirs, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="step"):
+        probe_move_(params, saved, dirs, torch.ones(2))
+
+
+def _random_losses(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 1, generator=g, dtype=torch.float64) * 3
+    return base + 1e-3 * torch.randn(n, 5, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9])
+def test_newton_lr_equals_reference(beta):
+    losses = _random_losses(200)
+    losses[3, 2] = float("nan")
+    losses[4, 0] = float("inf")
+    losses[5] = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])  # den = delta exactly
+    for k, f in enumerate(losses):
+        eta = torch.tensor(0.01 * (k % 7 + 1), dtype=torch.float64)
+        v = torch.tensor(1e-3 * (k % 3 - 1), dtype=torch.float64)
+        got = newton_lr(f, eta, v, 1e-3, 1e-6, beta)
+        want = newton_lr_reference(f, eta, v, 1e-3, 1e-6, beta)
+        for x, y in zip(got, want):
+            assert x.dtype == torch.float64 and x.dim() == 0
+            torch.testing.assert_close(x, y, rtol=1e-15, atol=0)
+        assert got[0].item() >= 1e-6 and math.isfinite(got[0].item())
+
+
+def test_newton_lr_formula_and_safeguards():
+    eta, v0 = torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.02, dtype=torch.float64)
+    f = torch.tensor([1.3, 1.1, 1.0, 0.95, 0.97], dtype=torch.float64)
+    eps, delta, beta = 1e-2, 1e-6, 0.5
+    inc = 2 * eps * (f[3] - f[1]) / (f[4] + f[0] - 2 * f[2] + delta)
+    e, v = newton_lr(f, eta, v0, eps, delta, beta)
+    assert v.item() == pytest.approx((beta * v0 - inc).item(), rel=1e-14)
+    assert e.item() == pytest.approx((eta + beta * v0 - inc).item(), rel=1e-14)
+    # positivity clamp: a big positive Newton increment drives eta below delta -> delta
+    f_up = torch.tensor([0.9, 1.0, 1.1, 1.2, 1.31], dtype=torch.float64)
+    assert newton_lr(f_up, eta, torch.zeros((), dtype=torch.float64), eps, delta, 0.0)[0].item() == delta
+    # non-finite probe: eta halves, momentum resets
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        fb = f.clone()
+        fb[4] = bad
+        e, v = newton_lr(fb, eta, v0, eps, delta, beta)
+        assert e.item() == pytest.approx(0.05) and v.item() == 0.0
+    # halving never goes below delta, and a NaN eta lands on delta
+    fb = f.clone()
+    fb[0] = float("nan")
+    assert newton_lr(fb, torch.tensor(1.5e-6, dtype=torch.float64), v0, eps, delta, 0.0)[0].item() == delta
+    assert newton_lr(f, torch.tensor(float("nan"), dtype=torch.float64), v0, eps, delta, 0.0)[0].item() == delta
+
+
+@needs_ext
+def test_opcheck_probe_move():
+    params, saved, dirs = _lists(torch.float32)
+    torch.library.opcheck(
+        torch.ops.torchopt_ext.probe_move_.default, (params, saved, dirs, torch.tensor(0.3, dtype=torch.float64))
+    )
+
+
+@needs_ext
+def test_opcheck_newton_lr():
+    f = torch.tensor([1.3, 1.1, 1.0, 0.95, 0.97], dtype=torch.float64)
+    args = (f, torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64), 1e-2, 1e-6, 0.9)
+    torch.library.opcheck(torch.ops.torchopt_ext.newton_lr.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu():
+    params, saved, dirs = _lists(torch.float32)
+    step = torch.tensor(0.25, dtype=torch.float64)
+    cuda = [p.cuda() for p in params]
+    probe_move_(cuda, [s.cuda() for s in saved], [d.cuda() for d in dirs], step.cuda())
+    probe_move_(params, saved, dirs, step)
+    for c, p in zip(cuda, params):
+        torch.testing.assert_close(c.cpu(), p, rtol=0, atol=0)
+    losses = _random_losses(50).cuda()
+    for f in losses:
+        e = torch.tensor(0.1, dtype=torch.float64)
+        z = torch.zeros((), dtype=torch.float64)
+        got = newton_lr(f, e.cuda(), z.cuda(), 1e-3, 1e-6, 0.9)
+        want = newton_lr(f.cpu(), e, z, 1e-3, 1e-6, 0.9)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-15, atol=0)

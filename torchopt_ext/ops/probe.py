@@ -1,0 +1,104 @@
+"""Five-probe learning-rate ops, compiled, with their pure-PyTorch references.
+
+``probe_move_(params, saved, direction, step)``: every ``p <- saved - step * d`` in one call.
+``newton_lr(losses, eta, velocity, eps, delta, beta)``: the next eta (and its momentum) from the
+five probe losses ``f(eta + j*eps)``, j = -2..2 (DESIGN.md section 3; paper eq. 16/18/19/20-21).
+Both keep everything on the tensors' device: no host synchronisation on CUDA.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from torchopt_ext._extension import _C, cuda_available
+
+if _C is not None:
+
+    @torch.library.register_fake("torchopt_ext::probe_move_")
+    def _probe_move_fake(params, saved, direction, step):
+        return None
+
+    @torch.library.register_fake("torchopt_ext::newton_lr")
+    def _newton_lr_fake(losses, eta, velocity, eps, delta, beta):
+        torch._check(losses.numel() == 5)
+        out = losses.new_empty((), dtype=torch.float64)
+        return out, out.new_empty(())
+
+
+def _compiled_for(device: torch.device) -> bool:
+    return _C is not None and (device.type == "cpu" or (device.type == "cuda" and cuda_available()))
+
+
+def _check_lists(params, saved, direction, step) -> None:
+    if not (len(params) == len(saved) == len(direction)):
+        raise ValueError(
+            f"probe_move_: params, saved and direction must have one length, got {len(params)}, {len(saved)}, "
+            f"{len(direction)}"
+        )
+    if not isinstance(step, torch.Tensor) or step.numel() != 1:
+        raise ValueError("probe_move_: step must be a 0-dim tensor (eta + j*eps)")
+
+
+def probe_move_(
+    params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], step: torch.Tensor
+) -> None:
+    """Moves every parameter to ``saved - step * direction`` in place (one fused kernel)."""
+    params, saved, direction = list(params), list(saved), list(direction)
+    _check_lists(params, saved, direction, step)
+    if params and _compiled_for(params[0].device):
+        torch.ops.torchopt_ext.probe_move_(params, saved, direction, step)
+    else:
+        probe_move_reference_(params, saved, direction, step)
+
+
+def probe_move_reference_(params, saved, direction, step) -> None:
+    """``probe_move_`` in plain PyTorch: ``saved - direction * h`` in the parameter's dtype (h rounded to it)."""
+    _check_lists(params, saved, direction, step)
+    h = step.detach().to(torch.float64)
+    with torch.no_grad():
+        for p, s, d in zip(params, saved, direction):
+            p.copy_(s - d * h.to(p.device))
+
+
+def newton_lr(
+    losses: torch.Tensor, eta: torch.Tensor, velocity: torch.Tensor, eps: float, delta: float, beta: float = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(eta_next, velocity_next) as 0-dim float64 tensors on ``losses``' device.
+
+    ``v <- beta*v - 2 eps (f(+1) - f(-1)) / (f(+2) + f(-2) - 2 f(0) + delta)``, ``eta <- max(delta, eta + v)``.
+    When a probe loss or the update is inf/NaN, eta is halved instead (clamped to delta) and v is reset.
+    """
+    if _compiled_for(losses.device):
+        return torch.ops.torchopt_ext.newton_lr(losses, eta, velocity, float(eps), float(delta), float(beta))
+    return newton_lr_reference(losses, eta, velocity, eps, delta, beta)
+
+
+def _finish(eta: torch.Tensor, v_new: torch.Tensor, losses: torch.Tensor, delta: float):
+    cand = eta + v_new
+    ok = torch.isfinite(losses).all() & torch.isfinite(cand) & torch.isfinite(v_new)
+    nxt = torch.where(ok, cand, 0.5 * eta)
+    # written as "not >= delta" so that a NaN eta also lands on delta
+    nxt = torch.where(nxt >= delta, nxt, torch.full_like(nxt, delta))
+    return nxt, torch.where(ok, v_new, torch.zeros_like(v_new))
+
+
+def newton_lr_reference(losses, eta, velocity, eps, delta, beta=0.0):
+    """``newton_lr`` in plain PyTorch ops (float64, no host sync)."""
+    if losses.numel() != 5:
+        raise ValueError(f"newton_lr: losses must hold the 5 probe losses, got {losses.numel()}")
+    f = losses.detach().reshape(5).to(torch.float64)
+    eta = eta.detach().reshape(()).to(torch.float64)
+    v = velocity.detach().reshape(()).to(torch.float64)
+    inc = 2.0 * eps * (f[3] - f[1]) / (f[4] + f[0] - 2.0 * f[2] + delta)
+    return _finish(eta, beta * v - inc, f, delta)
+
+
+def first_order_lr_reference(losses, eta, velocity, eps, delta, meta_lr, beta=0.0):
+    """First-order rule (paper eq. 6-8): ``eta <- eta - meta_lr * f'(eta)`` with the central difference
+    ``f'(eta) = (f(+1) - f(-1)) / (2 eps)`` (= -g_t'g_{t+1} on the probed batch), same safeguards."""
+    f = losses.detach().reshape(5).to(torch.float64)
+    eta = eta.detach().reshape(()).to(torch.float64)
+    v = velocity.detach().reshape(()).to(torch.float64)
+    slope = (f[3] - f[1]) / (2.0 * eps)
+    return _finish(eta, beta * v - meta_lr * slope, f, delta)

@@ -1,0 +1,262 @@
+"""AdaptiveLRSGD: SGD whose learning rate eta follows five loss probes along the step direction.
+
+Ravaut & Gorti's method (DESIGN.md section 3). Each ``step(closure)``:
+
+1. d = the SGD step direction (gradient + weight decay, through the momentum buffer as SGD does);
+2. the closure's loss is probed at ``w - (eta + j*h)*d``, j = -2..2 (h = eps, or eps*eta with
+   ``relative_eps=True``), each probe point written from w by a fused kernel (``ops.probe_move_``)
+   into scratch storage the parameters point at meanwhile, under ``torch.no_grad`` and a
+   ``ProbeGuard`` (same dropout mask in all five, random stream, buffers and training flags restored);
+3. the parameters point at w's untouched storage again and take ``torch.optim.SGD``'s own step with
+   the current eta;
+4. the next eta (written to the group's ``lr``) comes from the probe losses, on the device:
+   ``method="newton"`` eq. 16/18/19 (+ momentum on eta, eq. 20-21, when ``lr_momentum > 0``),
+   ``method="first_order"`` eq. 6-8 with ``f'(eta)`` as the central difference of the probes.
+
+inf/NaN probe losses: the weight step is never skipped (it is the SGD step with the eta the step
+started with); eta shrinks instead (halved, never below delta) and its momentum is reset.
+Under torch.distributed the five probe losses are averaged across ranks, so all ranks agree on eta.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _sgd_functional
+
+from torchopt_ext.ops.probe import first_order_lr_reference, newton_lr, probe_move_
+from torchopt_ext.optim._probe_guard import ProbeGuard
+
+_OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # j of the probes f(eta + j*h)
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"AdaptiveLRSGD: {name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        raise ValueError(f"AdaptiveLRSGD: {name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+class AdaptiveLRSGD(Optimizer):
+    """SGD with a learning rate learned from five loss probes per step.
+
+    Args:
+        params: parameters (one group: there is one eta for all of them).
+        lr: the initial eta.
+        eps: probe spacing h (``relative_eps=False``) or its ratio to eta (``relative_eps=True``).
+            Default 1e-2, not the paper's 1e-5: measured in float32 on digits, at 1e-5 the second
+            difference is rounding noise and below delta in 100% of steps, at 1e-2 in 0%
+            (docs/ADAPTIVE_LR.md; ``python -m torchopt_ext.compare.adaptive_numerics``).
+        delta: smoothing of the Newton denominator and floor of eta (paper eq. 18-19).
+        lr_momentum: beta of the momentum on eta (eq. 20-21); 0 = plain Newton step.
+        method: "newton" or "first_order".
+        meta_lr: kappa of the first-order rule (required for ``method="first_order"``).
+        momentum, weight_decay: as in ``torch.optim.SGD`` (dampening 0, no Nesterov).
+        model: the module the closure evaluates; when given, its buffers (batch-norm running
+            statistics) and training flags are restored after the probes. Without it the closure
+            must leave buffers alone itself.
+        relative_eps: probe at ``eta*(1 + j*eps)`` instead of ``eta + j*eps`` (see docs/ADAPTIVE_LR.md:
+            in float32 the absolute 1e-5 spacing leaves the second difference in rounding noise).
+        batched: with a ``FunctionalProbe`` closure, evaluate the five probes in one vmapped forward.
+
+    ``step(closure, val_closure=None)``: run ``loss.backward()`` before, as for SGD; ``closure()``
+    recomputes the loss on the current batch at the current parameters WITHOUT calling backward
+    (it runs under no_grad) and must not touch ``.grad``. It may return per-sample losses: they are
+    averaged in float64. ``val_closure``, when given, is probed instead (paper section 5.3).
+    Returns ``f(eta)``, the probed loss at the parameters after the step.
+    ``last_probe_losses``: the five float64 losses of the last step, j = -2..2.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.01,
+        eps: float = 1e-2,
+        delta: float = 1e-6,
+        lr_momentum: float = 0.0,
+        method: str = "newton",
+        meta_lr: Optional[float] = None,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        model: Optional[nn.Module] = None,
+        relative_eps: bool = False,
+        batched: bool = False,
+    ):
+        lr, eps, delta = _positive("lr", lr), _positive("eps", eps), _positive("delta", delta)
+        lr_momentum = _positive("lr_momentum", lr_momentum, allow_zero=True)
+        if lr_momentum >= 1:
+            raise ValueError(f"AdaptiveLRSGD: lr_momentum must be in [0, 1), got {lr_momentum}")
+        if method not in ("newton", "first_order"):
+            raise ValueError(f"AdaptiveLRSGD: method must be 'newton' or 'first_order', got {method!r}")
+        if method == "first_order":
+            if meta_lr is None:
+                raise ValueError("AdaptiveLRSGD: method='first_order' needs meta_lr (the meta learning rate kappa)")
+            meta_lr = _positive("meta_lr", meta_lr)
+        momentum = _positive("momentum", momentum, allow_zero=True)
+        weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"AdaptiveLRSGD: model must be an nn.Module or None, got {type(model).__name__}")
+        defaults = dict(lr=lr, eps=eps, delta=delta, lr_momentum=lr_momentum, method=method, meta_lr=meta_lr,
+                        momentum=momentum, weight_decay=weight_decay, relative_eps=bool(relative_eps),
+                        lr_velocity=0.0)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError(f"AdaptiveLRSGD: one eta drives all parameters, pass one param group, got "
+                             f"{len(self.param_groups)}")
+        self.model = model
+        self.batched = bool(batched)
+        self.last_probe_losses: Optional[torch.Tensor] = None
+        self._scratch = {}  # param -> the storage it points at during the probes; not in state_dict
+        self._offsets = {}  # device -> the j of the probes as a float64 tensor
+        self._eta_set: Optional[float] = None
+        self._warned = False
+
+    def add_param_group(self, param_group):
+        if getattr(self, "param_groups", None):
+            raise ValueError("AdaptiveLRSGD: one eta drives all parameters, so add_param_group is not supported")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self._eta_set = None  # the loaded lr is the learned eta, not an outside override
+
+    # -- pieces of a step ----------------------------------------------------------------------
+
+    def _warn_if_overridden(self, group) -> None:
+        scheduler = "initial_lr" in group or hasattr(self.step, "_wrapped_by_lr_sched")
+        changed = self._eta_set is not None and group["lr"] != self._eta_set
+        if (scheduler or changed) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "AdaptiveLRSGD: an LR scheduler (or code writing param_groups[0]['lr']) is attached; it overrides "
+                "the learned eta. The adaptation continues from whatever lr it sets.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _directions(self, group, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """d of ``w <- w - eta*d`` exactly as SGD forms it, without touching the momentum buffers."""
+        dirs = []
+        for p in params:
+            d = p.grad
+            if group["weight_decay"] != 0:
+                d = d.add(p, alpha=group["weight_decay"])
+            buf = self.state[p].get("momentum_buffer") if group["momentum"] != 0 else None
+            if buf is not None:
+                d = buf.mul(group["momentum"]).add_(d)
+            dirs.append(d)
+        return dirs
+
+    def _probe(self, probe_fn: Callable, params, dirs, steps: torch.Tensor) -> torch.Tensor:
+        # w never moves: during the probes each parameter points at scratch storage (swapping .data is
+        # O(1)) and probe_move_ writes w - (eta + j*h)*d there; afterwards the parameter points at w's
+        # own storage again, bit for bit, whatever the closure did. Saving and restoring w instead would
+        # cost two more passes over the parameters.
+        originals = [p.data for p in params]
+        if self.batched and hasattr(probe_fn, "batched"):
+            with ProbeGuard(self.model, {p.device for p in params}):
+                return self._probe_batched(probe_fn, params, originals, dirs, steps)
+        scratch = []
+        for p in params:
+            s = self._scratch.get(p)
+            if s is None or s.shape != p.shape or s.dtype != p.dtype or s.stride() != p.stride():
+                s = self._scratch[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            scratch.append(s)
+        try:
+            for p, s in zip(params, scratch):
+                p.data = s
+            with ProbeGuard(self.model, {p.device for p in params}) as guard:
+                fs = []
+                for k in range(5):
+                    guard.rewind()
+                    probe_move_(params, originals, dirs, steps[k])
+                    f = probe_fn()
+                    # a Python number keeps its float64 digits (as_tensor would round it to float32)
+                    f = f.detach() if isinstance(f, torch.Tensor) else torch.tensor(float(f), dtype=torch.float64)
+                    # float64 mean: per-sample losses lose no digits to a float32 reduction
+                    fs.append(f if f.dim() == 0 else f.to(torch.float64).mean())
+        finally:
+            for p, w in zip(params, originals):
+                p.data = w
+        if len({f.dtype for f in fs}) > 1:
+            return torch.stack([f.to(torch.float64) for f in fs])
+        return torch.stack(fs).to(torch.float64)
+
+    def _probe_batched(self, probe_fn, params, originals, dirs, steps) -> torch.Tensor:
+        model = probe_fn.model
+        index = {id(p): i for i, p in enumerate(params)}
+        points = {}
+        shape = (5,)
+        for name, p in model.named_parameters():
+            i = index.get(id(p))
+            if i is None:  # not stepped by this optimizer: the same in all five points
+                points[name] = p.detach().expand(shape + p.shape)
+                continue
+            h = steps.view((5,) + (1,) * p.dim())
+            points[name] = originals[i] - dirs[i] * h.to(p.dtype)  # probe_move_'s formula, five at once
+        return probe_fn.batched(points).detach().to(torch.float64).reshape(5)
+
+    @staticmethod
+    def _mean_over_ranks(losses: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+            losses /= dist.get_world_size()
+        return losses
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None, val_closure: Optional[Callable] = None):
+        probe_fn = val_closure if val_closure is not None else closure
+        if probe_fn is None:
+            raise RuntimeError(
+                "AdaptiveLRSGD.step needs closure: a function that recomputes the loss on the current batch at the "
+                "current parameters without calling backward (or val_closure for a validation batch); "
+                "call loss.backward() before step() as for SGD"
+            )
+        group = self.param_groups[0]
+        self._warn_if_overridden(group)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("AdaptiveLRSGD: sparse gradients are not supported")
+        eta = float(group["lr"])
+        dirs = self._directions(group, params)
+        device = params[0].device
+        h = group["eps"] * eta if group["relative_eps"] else group["eps"]
+        offsets = self._offsets.get(device)
+        if offsets is None:
+            offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
+        steps = offsets.mul(h).add_(eta)  # eta + j*h
+        losses = self._mean_over_ranks(self._probe(probe_fn, params, dirs, steps).to(device))
+        self.last_probe_losses = losses
+
+        # the weight step: torch.optim.SGD's own code with the current eta, so bitwise equal to it
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                        lr=eta, dampening=0.0, nesterov=False, maximize=False)
+        if group["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+        eta_t = torch.scalar_tensor(eta, dtype=torch.float64, device=device)
+        v_t = torch.scalar_tensor(group["lr_velocity"], dtype=torch.float64, device=device)
+        if group["method"] == "newton":
+            eta_next, v_next = newton_lr(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
+        else:
+            eta_next, v_next = first_order_lr_reference(losses, eta_t, v_t, h, group["delta"], group["meta_lr"],
+                                                        group["lr_momentum"])
+        group["lr"] = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
+        group["lr_velocity"] = float(v_next)
+        self._eta_set = group["lr"]
+        return losses[2]

@@ -9,9 +9,25 @@ Loss of model j on points x with target probabilities p (rows may be soft labels
     l_j = (1/N) sum_i [ (sum_c p_ic) logsumexp(z_i) - p_i . z_i ],  z = net_j(x)
 which is the cross-entropy when rows of p sum to one, and is linear in p (so dl/dp is exact).
 """
+import contextlib
 import math
 
 import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run tabular-sized work on one intra-op thread.
+
+    Every op here touches a few hundred numbers; with two threads on a shared 2-core machine each op
+    can wait milliseconds in an OpenMP barrier (measured 20-40x slower evaluation), so we opt out.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def layer_sizes(layers, n_features, n_classes, hidden):
@@ -50,6 +66,13 @@ def loss(params, x, p):
     return (p.sum(-1) * lse - (p * z).sum(-1)).mean(-1)
 
 
+def softmax(z):
+    # composed of elementwise ops: torch.softmax on these tiny tensors enters an OpenMP parallel
+    # region that costs milliseconds on a busy 2-core machine
+    e = torch.exp(z - z.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
 def one_hot(y, n_classes, dtype):
     return torch.nn.functional.one_hot(y, n_classes).to(dtype)
 
@@ -73,7 +96,7 @@ def loss_and_grad(params, x, p, need_value=True):
             masks.append(mask)
             a = z * mask
             acts.append(a)
-    s = torch.softmax(z, -1)
+    s = softmax(z)
     P = p.sum(-1, keepdim=True)
     value = None
     if need_value:

@@ -9,6 +9,7 @@ import importlib
 # module path of each command; a command whose optional dependencies are missing is still listed
 COMMANDS = {
     "bench": "torchopt_ext.bench.cli",
+    "distill": "torchopt_ext.distill.cli",
 }
 
 

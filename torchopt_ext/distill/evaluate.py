@@ -125,10 +125,10 @@ def _evaluate(sets, split, config):
     dt = sets[0].points.dtype
     gen = torch.Generator().manual_seed(config.seed + 12345)
     label = "+".join(str(a) for a in config.arch) + "-layer"
-    rows, curves, raw = [], {}, {}
+    rows, curves, raw, trained = [], {}, {}, {}
     whole = {}
     for a in test_archs:
-        accs, _ = train_whole(split, a, config.hidden, config.eval_models * len(sets), gen,
+        accs, trained[f"{a}-layer, whole data"] = train_whole(split, a, config.hidden, config.eval_models * len(sets), gen,
                               steps=config.baseline_steps, dtype=dt)
         whole[a] = _mean_std(accs)
         raw[("original", a)] = accs
@@ -140,17 +140,19 @@ def _evaluate(sets, split, config):
             all_models = []
             for r, ds in enumerate(sets):
                 record = max(1, len(schedule(ds, strategy, config.strategy2_decay)) // 100) if r == 0 else 0
-                accs, curve, _ = train_on_set(ds, split, a, config.hidden, config.eval_models, strategy, gen,
+                accs, curve, params = train_on_set(ds, split, a, config.hidden, config.eval_models, strategy, gen,
                                               config.eval_optimizer, config.strategy2_decay, record)
                 per_restart.append(statistics.fmean(accs))
                 all_models += accs
                 if r == 0:
                     curves[(strategy, a)] = curve
+                    if strategy == config.strategies[0]:
+                        trained[f"{a}-layer, distilled (strategy {strategy})"] = params
             cells[a] = _mean_std(per_restart if len(sets) > 1 else all_models)
             raw[(strategy, a)] = all_models
         name = label if strategy == 0 else f"{STRATEGY_NAMES[strategy]} + {label}"
         rows.append((name, cells))
-    return {"rows": rows, "curves": curves, "per_model": raw, "test_archs": test_archs,
+    return {"rows": rows, "curves": curves, "per_model": raw, "trained": trained, "test_archs": test_archs,
             "spread": "restarts" if len(sets) > 1 else "eval models"}
 
 

@@ -49,16 +49,22 @@ class _State:
         if config.soft_labels:
             # start near the hard labels (SLDD initialises y~ from the one-hot encoding)
             self.label_logits = torch.log(onehot * 0.9 + 0.1 / C).requires_grad_()
-        self.lrs = torch.full((n,), config.lr_init, dtype=dt).requires_grad_()
+        # eta = softplus(rho): rates stay positive and Adam's fixed step is relative for small rates
+        eta0 = torch.tensor(config.lr_init, dtype=torch.float64)
+        self.lr_raw = torch.full((n,), float(eta0 + torch.log(-torch.expm1(-eta0))), dtype=dt).requires_grad_()
         learned = [self.points] + ([self.label_logits] if config.soft_labels else []) + \
-            ([self.lrs] if config.learn_lrs else [])
+            ([self.lr_raw] if config.learn_lrs else [])
         self.opt = torch.optim.Adam(learned, lr=config.outer_lr)
+
+    @property
+    def lrs(self):
+        return torch.nn.functional.softplus(self.lr_raw).detach()
 
     def targets(self):
         return torch.softmax(self.label_logits, -1) if self.label_logits is not None else self.onehot
 
     def state_dict(self):
-        out = {"points": self.points.detach().clone(), "lrs": self.lrs.detach().clone(),
+        out = {"points": self.points.detach().clone(), "lr_raw": self.lr_raw.detach().clone(),
                "optimizer": self.opt.state_dict()}
         if self.label_logits is not None:
             out["label_logits"] = self.label_logits.detach().clone()
@@ -67,7 +73,7 @@ class _State:
     def load_state_dict(self, state):
         with torch.no_grad():
             self.points.copy_(state["points"])
-            self.lrs.copy_(state["lrs"])
+            self.lr_raw.copy_(state["lr_raw"])
             if self.label_logits is not None:
                 self.label_logits.copy_(state["label_logits"])
         self.opt.load_state_dict(state["optimizer"])
@@ -127,7 +133,9 @@ def _apply(config, state, gx, gp, glr):
         p = torch.softmax(state.label_logits, -1)
         state.label_logits.grad, = torch.autograd.grad(p, state.label_logits, gp)
     if config.learn_lrs:
-        state.lrs.grad = glr.clone()
+        with torch.enable_grad():
+            eta = torch.nn.functional.softplus(state.lr_raw)
+            state.lr_raw.grad, = torch.autograd.grad(eta, state.lr_raw, glr)
     state.opt.step()
 
 

@@ -57,7 +57,7 @@ def load_checkpoint(path):
     except Exception as exc:
         raise DistillError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "
                            "delete it to restart the interrupted restart from scratch") from None
-    needed = {"restart", "epoch", "iteration", "points", "lrs", "optimizer", "generator"}
+    needed = {"restart", "epoch", "iteration", "points", "lr_raw", "optimizer", "generator"}
     if not isinstance(state, dict) or not needed <= set(state):
         raise DistillError(f"--resume: checkpoint {path} is corrupt: expected keys {sorted(needed)}")
     return state

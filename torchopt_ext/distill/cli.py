@@ -137,6 +137,7 @@ def _run(args):
     from torchopt_ext.distill.distill import distill_restarts
 
     out = args.out
+    rank, world = _init_distributed()
     if args.resume:
         if not os.path.isdir(out) or not os.path.exists(os.path.join(out, "config.json")):
             raise DistillError(f"--resume: {out} is not a run directory (no config.json); expected the --out of "
@@ -148,7 +149,9 @@ def _run(args):
         if os.path.exists(out):
             raise DistillError(f"--out: {out} already exists; expected a new directory (nothing was "
                                "overwritten). Pass --resume to continue that run, or choose another --out")
-    rank, world = _init_distributed()
+    if world > 1:  # every rank has checked --out before rank 0 creates it
+        import torch.distributed as dist
+        dist.barrier()
     import torch
     split = load_split(config, getattr(torch, config.dtype))
     if rank == 0 and not args.resume:

@@ -185,3 +185,25 @@ def test_cli_implicit_and_checkpointed_run(tmp_path):
         out = str(tmp_path / extra[0].strip("-"))
         assert main(["distill", "--out", out, "--no-eval"] + extra + TINY_ARGS) == 0
         assert torch.isfinite(load_distilled(os.path.join(out, "distilled.pt")).points).all()
+
+
+def test_eval_optimizer_uses_package_optimizer(monkeypatch):
+    """The implicit/adaptive path drives any torch.optim-style class, setting the planned rate per step."""
+    import sys
+    import types
+    seen = []
+
+    class FakeSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+    fake = types.ModuleType("torchopt_ext.optim")
+    fake.ImplicitSGD = fake.AdaptiveLRSGD = FakeSGD
+    monkeypatch.setitem(sys.modules, "torchopt_ext.optim", fake)
+    import torchopt_ext
+    monkeypatch.setattr(torchopt_ext, "optim", fake, raising=False)
+    ds = DistilledSet(torch.randn(3, 4, 2), models.one_hot(torch.tensor([0, 0, 1, 1]), 2, torch.float32)
+                      .expand(3, 4, 2), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    split = load_split(tiny())
+    acc, _, _ = train_on_set(ds, split, 2, 10, 2, 0, torch.Generator().manual_seed(0), optimizer="implicit")
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]) and len(acc) == 2

@@ -78,8 +78,10 @@ def training_curves(result, path):
             continue
         t, acc, loss = zip(*curve)
         lab = f"strategy {strategy}, {layers}-layer"
-        a1.plot(t, acc, label=lab)
-        a2.plot(t, loss, label=lab)
+        # colour = strategy, line style = test architecture: 12 curves stay tellable apart
+        style = {"color": f"C{strategy}", "ls": {1: ":", 2: "-", 4: "--"}.get(layers, "-.")}
+        a1.plot(t, acc, label=lab, **style)
+        a2.plot(t, loss, label=lab, **style)
     a1.set_xlabel("training step")
     a1.set_ylabel("test accuracy")
     a2.set_xlabel("training step")

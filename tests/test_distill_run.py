@@ -52,11 +52,12 @@ def test_resume_continues_exactly(tmp_path):
     torch.testing.assert_close(resumed.lrs, straight.lrs, rtol=0, atol=0)
 
 
-def test_ctrl_c_saves_and_resume_matches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["hypergradient", "_apply"])
+def test_ctrl_c_saves_and_resume_matches(tmp_path, monkeypatch, where):
     straight = distill(tiny(soft_labels=True), progress=False)
     out = str(tmp_path / "run")
     os.makedirs(out)
-    real = distill_mod.hypergradient
+    real = getattr(distill_mod, where)
     calls = {"n": 0}
 
     def interrupt_on_sixth(*a, **k):
@@ -64,12 +65,12 @@ def test_ctrl_c_saves_and_resume_matches(tmp_path, monkeypatch):
         if calls["n"] == 6:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(distill_mod, "hypergradient", interrupt_on_sixth)
+    monkeypatch.setattr(distill_mod, where, interrupt_on_sixth)
     with pytest.raises(KeyboardInterrupt):
         distill_restarts(tiny(soft_labels=True), out, progress=False)
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (state["epoch"], state["iteration"]) == (1, 1)
-    monkeypatch.setattr(distill_mod, "hypergradient", real)
+    monkeypatch.setattr(distill_mod, where, real)
     resumed = distill_restarts(tiny(soft_labels=True), out, progress=False, resume=True)[0]
     torch.testing.assert_close(resumed.points, straight.points, rtol=0, atol=0)
     torch.testing.assert_close(resumed.labels, straight.labels, rtol=0, atol=0)

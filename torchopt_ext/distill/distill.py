@@ -187,20 +187,19 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
         bar = tqdm(total=config.outer_epochs * iters, initial=epoch * iters + start_iter,
                    desc=f"distill r{restart}", unit="it", leave=False)
     p_real_all = models.one_hot(split.y_train, split.n_classes, dt)
+    # where a resumed run continues from the current tensors: updated whenever they change, so Ctrl-C
+    # at any moment saves a consistent state (an interrupted iteration is simply rerun)
+    resume_point = (epoch, start_iter, perm, gen.get_state())
     try:
         while epoch < config.outer_epochs:
             if perm is None:
                 perm = torch.randperm(N, generator=gen)
             for it in range(start_iter, iters):
-                gen_state = gen.get_state()   # restored on Ctrl-C so the interrupted iteration reruns
+                resume_point = (epoch, it, perm, gen.get_state())
                 idx = perm[it * config.batch_size:(it + 1) * config.batch_size]
                 thetas = fixed if fixed is not None else _draw_models(config, split, gen, dt)
-                try:
-                    loss, gx, gp, glr = hypergradient(config, state, thetas, split.x_train[idx], p_real_all[idx],
-                                                      rank, world)
-                except KeyboardInterrupt:
-                    save(epoch, it, perm, gen_state)
-                    raise
+                loss, gx, gp, glr = hypergradient(config, state, thetas, split.x_train[idx], p_real_all[idx],
+                                                  rank, world)
                 finite = math.isfinite(loss) and bool(torch.isfinite(gx).all() and torch.isfinite(gp).all()
                                                       and torch.isfinite(glr).all())
                 if not finite:
@@ -208,15 +207,18 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
                     kept = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
                     raise DistillError(f"non-finite hypergradient at {where} (outer loss {loss}){kept}. "
                                        "Try a lower --outer-lr or --lr-init, or fewer --steps/--epochs")
-                _apply(config, state, gx, gp, glr)
                 losses.append(loss)
+                _apply(config, state, gx, gp, glr)
+                resume_point = (epoch, it + 1, perm, gen.get_state())
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
             epoch, start_iter, perm = epoch + 1, 0, None
             save(epoch, 0, None, gen.get_state())
+            resume_point = (epoch, 0, None, gen.get_state())
     except KeyboardInterrupt:
         if ckpt:
+            save(*resume_point)
             print(f"\ninterrupted: state saved to {ckpt}; continue with --resume")
         raise
     finally:

@@ -9,9 +9,10 @@ Inner loop (DESIGN.md §4), per model j, k = 0..n-1, i(k) = k mod s:
     dL/dx_i(k)  += -eta_k v^T dg_k/dx          (mixed second derivative)
     dL/dp_i(k)  += -eta_k v^T dg_k/dp
     dL/dtheta_k  = v - eta_k H_k v              (Hessian-vector product)
-All second-order products come from ``models.tangent`` (no autograd graph). Only the inner states
-theta_k are kept; with ``checkpoint_every=K`` only every K-th is kept and a segment of K states is
-recomputed during the reverse loop, so memory grows like n/K + K instead of n.
+All second-order products come from ``models.tangent`` (no autograd graph). Without checkpointing each
+step's theta_k, g_k and activations are kept (n of them); with ``checkpoint_every=K`` only every K-th
+theta_k is kept and one segment of K steps is recomputed at a time during the reverse loop, so memory
+grows like n/K + K instead of n.
 
 ``neumann_hypergrad`` is implicit differentiation for an inner problem trained to convergence:
     dL/dlam = dL/dlam|direct - (dL/dw) H^-1 d2l_T/dw dlam,   H^-1 v ~ alpha sum_{j<K} (I - alpha H)^j v.

@@ -10,6 +10,7 @@ import importlib
 COMMANDS = {
     "bench": "torchopt_ext.bench.cli",
     "compare": "torchopt_ext.compare.cli",
+    "distill": "torchopt_ext.distill.cli",
 }
 
 

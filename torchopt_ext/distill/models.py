@@ -1,0 +1,185 @@
+"""Fully connected relu nets written functionally, batched over m models.
+
+Parameters are a list ``[W_1, b_1, ..., W_L, b_L]`` with a leading model axis (W_l: m x in x out).
+Besides the autograd-friendly ``forward`` this file has the loss gradient and its directional
+derivative written out by hand: at tabular sizes autograd's per-op overhead, not flops, dominates
+the unrolled hypergradient, and the hand-written second-order pass avoids building any graph.
+
+Loss of model j on points x with target probabilities p (rows may be soft labels):
+    l_j = (1/N) sum_i [ (sum_c p_ic) logsumexp(z_i) - p_i . z_i ],  z = net_j(x)
+which is the cross-entropy when rows of p sum to one, and is linear in p (so dl/dp is exact).
+"""
+import contextlib
+import math
+
+import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run tabular-sized work on one intra-op thread.
+
+    Every op here touches a few hundred numbers; with two threads on a shared 2-core machine each op
+    can wait milliseconds in an OpenMP barrier (measured 20-40x slower evaluation), so we opt out.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def layer_sizes(layers, n_features, n_classes, hidden):
+    return [n_features] + [hidden] * (layers - 1) + [n_classes]
+
+
+def init_params(sizes, m, generator, dtype=torch.float32):
+    """Xavier-uniform weights, zero biases: p(theta_0) of the paper."""
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = (torch.rand(m, fan_in, fan_out, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        params += [w.to(dtype), torch.zeros(m, fan_out, dtype=dtype)]
+    return params
+
+
+def n_params(sizes):
+    return sum(i * o + o for i, o in zip(sizes[:-1], sizes[1:]))
+
+
+def forward(params, x):
+    """Logits, m x N x C. x is N x d (shared by all models) or m x N x d."""
+    a = x
+    L = len(params) // 2
+    for l in range(L):
+        a = torch.matmul(a, params[2 * l]) + params[2 * l + 1].unsqueeze(-2)
+        if l < L - 1:
+            a = torch.relu(a)
+    return a
+
+
+def loss(params, x, p):
+    """Per-model loss l_j (m,), autograd-friendly."""
+    z = forward(params, x)
+    lse = torch.logsumexp(z, -1)
+    return (p.sum(-1) * lse - (p * z).sum(-1)).mean(-1)
+
+
+def softmax(z):
+    # composed of elementwise ops: torch.softmax on these tiny tensors enters an OpenMP parallel
+    # region that costs milliseconds on a busy 2-core machine
+    e = torch.exp(z - z.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
+def one_hot(y, n_classes, dtype):
+    return torch.nn.functional.one_hot(y, n_classes).to(dtype)
+
+
+def _transpose_input(a):
+    return a.transpose(-1, -2)
+
+
+def loss_and_grad(params, x, p, need_value=True):
+    """l_j and dl_j/dtheta_j without autograd; also returns the cache for ``tangent``.
+
+    need_value=False skips the loss itself (value None): inner steps only need the gradient."""
+    L = len(params) // 2
+    N = x.shape[-2]
+    acts, masks = [x], []
+    a = x
+    for l in range(L):
+        z = torch.matmul(a, params[2 * l]) + params[2 * l + 1].unsqueeze(-2)
+        if l < L - 1:
+            mask = (z > 0).to(z.dtype)
+            masks.append(mask)
+            a = z * mask
+            acts.append(a)
+    s = softmax(z)
+    P = p.sum(-1, keepdim=True)
+    value = None
+    if need_value:
+        value = (P.squeeze(-1) * torch.logsumexp(z, -1) - (p * z).sum(-1)).mean(-1)
+    delta = (P * s - p) / N                    # dl/dz_L
+    deltas = [None] * L
+    grads = [None] * (2 * L)
+    for l in range(L - 1, -1, -1):
+        deltas[l] = delta
+        grads[2 * l] = torch.matmul(_transpose_input(acts[l]), delta)
+        grads[2 * l + 1] = delta.sum(-2)
+        if l > 0:
+            delta = torch.matmul(delta, params[2 * l].transpose(-1, -2)) * masks[l - 1]
+    cache = (acts, masks, deltas, z, s, P, N)
+    return value, grads, cache
+
+
+def tangent(params, x, p, cache, v):
+    """Directional derivative, along theta-direction v, of all first derivatives of l.
+
+    Returns (H v, d/dv dl/dx summed over models, d/dv dl/dp summed over models). Because the full
+    Hessian of l in (theta, x, p) is symmetric, these are also v^T dg/dtheta, v^T dg/dx, v^T dg/dp
+    for g = dl/dtheta: exactly the vector-Jacobian products of Algorithm 3's reverse step.
+    """
+    acts, masks, deltas, z, s, P, N = cache
+    L = len(params) // 2
+    # forward tangents of the pre-activations
+    a_dot = None
+    zdots = []
+    for l in range(L):
+        zd = torch.matmul(acts[l], v[2 * l]) + v[2 * l + 1].unsqueeze(-2)
+        if a_dot is not None:
+            zd = zd + torch.matmul(a_dot, params[2 * l])
+        zdots.append(zd)
+        if l < L - 1:
+            a_dot = zd * masks[l]
+    zd = zdots[-1]
+    sz = (s * zd).sum(-1, keepdim=True)
+    p_dot = (sz - zd) / N                      # d/dv of dl/dp = (lse - z)/N
+    delta_dot = P * s * (zd - sz) / N          # d/dv of dl/dz_L (softmax Jacobian)
+    out = [None] * (2 * L)
+    for l in range(L - 1, -1, -1):
+        delta = deltas[l]
+        out[2 * l] = torch.matmul(_transpose_input(acts[l]), delta_dot)
+        if l > 0:
+            a_dot_prev = zdots[l - 1] * masks[l - 1]
+            out[2 * l] = out[2 * l] + torch.matmul(_transpose_input(a_dot_prev), delta)
+        out[2 * l + 1] = delta_dot.sum(-2)
+        back = torch.matmul(delta_dot, params[2 * l].transpose(-1, -2)) + \
+            torch.matmul(delta, v[2 * l].transpose(-1, -2))
+        if l > 0:
+            delta_dot = back * masks[l - 1]
+        else:
+            x_dot = back
+    if x_dot.dim() > x.dim():
+        x_dot = x_dot.sum(0)
+    if p_dot.dim() > p.dim():
+        p_dot = p_dot.sum(0)
+    return out, x_dot, p_dot
+
+
+def grad_x(params, cache):
+    """dl/dx summed over models (first order), used for the direct term of the outer loss."""
+    acts, masks, deltas, z, s, P, N = cache
+    g = torch.matmul(deltas[0], params[0].transpose(-1, -2))
+    return g.sum(0) if g.dim() == 3 else g
+
+
+def predict(params, x):
+    return forward(params, x).argmax(-1)
+
+
+def flatten(params):
+    """One flat vector per model, m x P: the form a generic optimiser or a naive unroll wants."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in params], 1)
+
+
+def unflatten(flat, sizes):
+    m = flat.shape[0]
+    out, i = [], 0
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        out.append(flat[:, i:i + fan_in * fan_out].reshape(m, fan_in, fan_out))
+        i += fan_in * fan_out
+        out.append(flat[:, i:i + fan_out])
+        i += fan_out
+    return out

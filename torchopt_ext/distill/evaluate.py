@@ -32,15 +32,15 @@ def schedule(ds, strategy, strategy2_decay=0.9):
 
 
 def _optimizer_class(name):
-    if name == "sgd":
+    """None for the built-in plans (sgd, implicit), else the torch.optim-style class."""
+    if name in ("sgd", "implicit"):
         return None
     try:
         from torchopt_ext import optim
-        return {"implicit": optim.ImplicitSGD, "adaptive": optim.AdaptiveLRSGD}[name]
-    except (ImportError, AttributeError) as exc:
-        cls = {"implicit": "ImplicitSGD", "adaptive": "AdaptiveLRSGD"}[name]
-        raise ImportError(f"--eval-optimizer {name}: needs torchopt_ext.optim.{cls}, which is not available "
-                          f"in this installation ({exc}); use --eval-optimizer sgd") from None
+        return {"adaptive": optim.AdaptiveLRSGD}[name]
+    except (ImportError, AttributeError, KeyError) as exc:
+        raise ImportError(f"--eval-optimizer {name}: needs torchopt_ext.optim.AdaptiveLRSGD, which is not "
+                          f"available in this installation ({exc}); use --eval-optimizer sgd") from None
 
 
 def _test_metrics(params, split):
@@ -63,23 +63,26 @@ def train_on_set(ds, split, layers, hidden, eval_models, strategy, gen, optimize
     curve = []
     if cls is None:
         for t, (i, lr) in enumerate(plan):
-            _, g, _ = models.loss_and_grad(params, ds.points[i], ds.labels[i], need_value=False)
+            if optimizer == "implicit":  # IB: the same plain step, on the implicit gradient
+                g = models.implicit_grad(params, ds.points[i], ds.labels[i], lr)
+            else:
+                _, g, _ = models.loss_and_grad(params, ds.points[i], ds.labels[i], need_value=False)
             params = torch._foreach_add(params, g, alpha=-lr)
             if record_every and (t % record_every == 0 or t == len(plan) - 1):
                 acc, loss = _test_metrics(params, split)
                 curve.append((t + 1, float(acc.mean()), float(loss.mean())))
     else:
         params = [p.clone().requires_grad_() for p in params]
+        # the five-probe optimizer starts at the plan's first rate and then adapts its own: the
+        # distilled rates after the first are not imposed on it
         opt = cls(params, lr=plan[0][1])
         for t, (i, lr) in enumerate(plan):
-            for group in opt.param_groups:
-                group["lr"] = lr
+            opt.zero_grad()
+            models.loss(params, ds.points[i], ds.labels[i]).sum().backward()
 
-            def closure(i=i):
-                opt.zero_grad()
-                value = models.loss(params, ds.points[i], ds.labels[i]).sum()
-                value.backward()
-                return value
+            def closure(i=i):  # re-evaluates only; the gradient came from the backward above
+                return models.loss(params, ds.points[i], ds.labels[i]).sum()
+
             opt.step(closure)
             if record_every and (t % record_every == 0 or t == len(plan) - 1):
                 acc, loss = _test_metrics([p.detach() for p in params], split)

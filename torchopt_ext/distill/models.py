@@ -114,6 +114,29 @@ def loss_and_grad(params, x, p, need_value=True):
     return value, grads, cache
 
 
+def implicit_grad(params, x, p, lr):
+    """Implicit-backprop gradients (Fagan & Iyengar; DESIGN.md §2) of the relu net at step size lr.
+
+    Hidden relu layers get sum_i alpha_i z_i^T with alpha from torchopt_ext.ops.ib_alpha (z = the
+    layer's input with the bias's 1); the last layer is linear into the softmax loss, where the
+    implicit step equals the explicit one, so its gradient is the ordinary one. The signal passed
+    down is the ordinary EB one. A plain step theta - lr * grad is then the implicit step."""
+    from torchopt_ext.ops import ib_alpha
+
+    _, grads, cache = loss_and_grad(params, x, p, need_value=False)
+    acts, masks, deltas, z, s, P, N = cache
+    L = len(params) // 2
+    for l in range(L - 1):
+        a_in = acts[l]
+        pre = torch.matmul(a_in, params[2 * l]) + params[2 * l + 1].unsqueeze(-2)
+        b = torch.matmul(deltas[l + 1], params[2 * (l + 1)].transpose(-1, -2))  # dl/d relu(pre)
+        zsq = (a_in * a_in).sum(-1) + 1.0
+        alpha = ib_alpha(pre.contiguous(), b.contiguous(), zsq.expand(pre.shape[:-1]).contiguous(), lr, 0.0, "relu")
+        grads[2 * l] = torch.matmul(_transpose_input(a_in).expand(*alpha.shape[:-2], -1, -1), alpha)
+        grads[2 * l + 1] = alpha.sum(-2)
+    return grads
+
+
 def tangent(params, x, p, cache, v):
     """Directional derivative, along theta-direction v, of all first derivatives of l.
 

@@ -1,7 +1,6 @@
 """Two processes on gloo: the five probe losses are averaged across ranks, so every rank ends with
 the same eta (and, under DistributedDataParallel, the same weights)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,19 +9,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from torchopt_ext.optim import AdaptiveLRSGD
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_helpers import free_port, init_gloo
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)  # one initialisation on all ranks
         net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 2))
@@ -44,7 +36,7 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_all_ranks_agree_on_eta(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["eta"] == r1["eta"] != 0.05
     assert torch.equal(r0["f"], r1["f"])

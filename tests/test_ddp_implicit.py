@@ -10,7 +10,6 @@ samples (that would use b_i/R inside alpha). The reference below follows the rul
 mean-reduced backward, gradients summed, then divided by R.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from torchopt_ext.nn import ImplicitLinear
 from torchopt_ext.optim import ImplicitSGD
+from dist_helpers import free_port, init_gloo
 
 R, B, STEPS = 2, 6, 3
 ETA, MU, MOMENTUM = 0.5, 0.02, 0.5
@@ -36,9 +36,8 @@ def _batch(step):
 
 
 def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=R)
+    init_gloo(rank, R, port)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
         opt = ImplicitSGD(model.parameters(), lr=ETA, momentum=MOMENTUM, weight_decay=MU)
@@ -51,12 +50,6 @@ def _worker(rank, port, out_dir):
         torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference():
@@ -76,7 +69,7 @@ def _reference():
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_ranks_agree_and_follow_documented_rule(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=R, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=R, join=True)
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(R))
     ref = _reference()
     for a, b, c in zip(p0, p1, ref):

@@ -1,12 +1,11 @@
 """Two gloo processes on 127.0.0.1 share the internal models and all-reduce: same result as one process."""
-import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from torchopt_ext.distill import DistillConfig, distill
+from dist_helpers import free_port, init_gloo
 
 
 def config():
@@ -14,16 +13,8 @@ def config():
                          arch=[1, 2], dtype="float64", seed=5)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker(rank, world, port, path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         ds = distill(config(), progress=False)
         if rank == 0:

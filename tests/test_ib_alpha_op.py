@@ -181,13 +181,26 @@ def test_raw_op_checks_its_arguments_too():
 @needs_ext
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_equals_cpu(name, dtype):
+@pytest.mark.parametrize("layout", ["odd_m", "packed", "unaligned"])
+def test_cuda_equals_cpu(name, dtype, layout):
+    """The CUDA kernel reads 16-byte packs when m allows and the pointers are aligned ("packed"),
+    element by element otherwise ("odd_m"; "unaligned": a contiguous view one element into its
+    storage)."""
     if not torchopt_ext.cuda_available():
         pytest.skip("extension built without CUDA")
-    q, b, z = inputs(shape=(301, 65), dtype=dtype)
+    shape = (301, 65) if layout == "odd_m" else (96, 128)
+    q, b, z = inputs(shape=shape, dtype=dtype)
+    qc, bc, zc = q.cuda(), b.cuda(), z.cuda()
+    if layout == "unaligned":
+        def shifted(t):
+            buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+            buf[1:] = t.reshape(-1)
+            return buf[1:].view(t.shape)
+
+        qc, bc = shifted(qc), shifted(bc)
     for lr in (1e-8, 0.05, 3.0):
         cpu = ib_alpha(q, b, z, lr, 0.01, act_of(name))
-        gpu = ib_alpha(q.cuda(), b.cuda(), z.cuda(), lr, 0.01, act_of(name)).cpu()
+        gpu = ib_alpha(qc, bc, zc, lr, 0.01, act_of(name)).cpu()
         assert_matches(gpu, cpu.double() if dtype == torch.float64 else cpu, b, dtype)
 
 

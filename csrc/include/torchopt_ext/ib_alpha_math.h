@@ -266,21 +266,25 @@ TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
 // sigma(u) = a1 u + a3 u^3 between. A short special case of alpha_piecewise: for b >= 0 (flip
 // (b, c) otherwise) the candidates are the two flat pieces' minimisers u = max(c, 1) and
 // u = min(c, -1) (which also cover the middle piece's ends) and the middle piece's stationary
-// points. Branch-free, so the CPU loop vectorises; ~50 flops for smoothstep, fewer for hardtanh.
+// points. Branch-free, so the CPU loop vectorises. d and tau are the same for a whole row, so we
+// divide by them once (1/d, 1/tau, hoisted out of the loop) and multiply per element: a vector
+// division costs as much as a dozen multiplies.
 template <typename T>
 TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   const T inf = T(HUGE_VAL);
   const T d = T(1) + eta * mu;
-  const T tau = eta * zsq / d;
+  const T inv_d = T(1) / d;
+  const T tau = eta * zsq * inv_d;
+  const T inv_tau = T(1) / tau;
   const T sg = b < T(0) ? T(-1) : T(1);
   const T bb = sg * b;
-  const T c = sg * (q / d);
+  const T c = sg * (q * inv_d);
   const bool inside = (c >= T(-1)) & (c <= T(1));
   const T sig_c = inside ? c * (a1 + a3 * c * c) : (c > T(0) ? T(1) : T(-1));
   Best<T> best{inf, T(0), T(0)};
   // flat pieces: u stays at c if c is on them, else moves to their end
-  const T wr = c >= T(1) ? T(0) : (T(1) - c) / tau;
-  const T wl = c <= T(-1) ? T(0) : (T(-1) - c) / tau;
+  const T wr = c >= T(1) ? T(0) : (T(1) - c) * inv_tau;
+  const T wl = c <= T(-1) ? T(0) : (T(-1) - c) * inv_tau;
   offer(best, true, wr, bb, tau, T(0), T(0), T(0), bb * (T(1) - sig_c));
   offer(best, true, wl, bb, tau, T(0), T(0), T(0), bb * (T(-1) - sig_c));
   // middle piece: A w^2 + B w + C = 0 (see alpha_piecewise)
@@ -291,7 +295,8 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   const T B = T(1) + T(2) * bb * tau * h2;
   const T C = bb * p1;
   const T bs = m_abs(B) > T(1) ? B : T(1);
-  const T disc = (B / bs) * (B / bs) - T(4) * (A / bs) * (C / bs);
+  const T inv_bs = T(1) / bs;
+  const T disc = (B * inv_bs) * (B * inv_bs) - T(4) * (A * inv_bs) * (C * inv_bs);
   const T sq = m_sqrt(disc >= T(0) ? disc : T(0)) * bs;
   const T Q = T(-0.5) * (B + m_copysign(sq, B));
   const bool quadratic = A != T(0);
@@ -301,7 +306,36 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   const T u1 = c + tau * r1, u2 = c + tau * r2;
   offer(best, real & m_isfinite(r1) & (u1 >= T(-1)) & (u1 <= T(1)), r1, bb, tau, p1, h2, a3, off);
   offer(best, real & m_isfinite(r2) & (u2 >= T(-1)) & (u2 <= T(1)), r2, bb, tau, p1, h2, a3, off);
-  return -sg * best.w / d + nan_guard(q, b, zsq);
+  return -sg * best.w * inv_d + nan_guard(q, b, zsq);
+}
+
+// hardtanh: alpha_odd3 with a1 = 1, a3 = 0, where the middle piece is linear and its one
+// candidate is w = -|b| (u = c - tau*|b|, if that lies in [-1, 1]). Same candidates, costs,
+// tolerances and tie rule as offer() would give, with the zero terms folded by hand (the
+// compiler may not: 0*x is not 0 for x = inf); no square root, no per-element division.
+template <typename T>
+TOX_HD T alpha_hardtanh(T q, T b, T zsq, T eta, T mu) {
+  const T inf = T(HUGE_VAL);
+  const T d = T(1) + eta * mu;
+  const T inv_d = T(1) / d;
+  const T tau = eta * zsq * inv_d;
+  const T inv_tau = T(1) / tau;
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b;
+  const T c = sg * (q * inv_d);
+  const T sig_c = c >= T(1) ? T(1) : (c <= T(-1) ? T(-1) : c);
+  Best<T> best{inf, T(0), T(0)};
+  const T wr = c >= T(1) ? T(0) : (T(1) - c) * inv_tau;
+  const T wl = c <= T(-1) ? T(0) : (T(-1) - c) * inv_tau;
+  const T half_tau = T(0.5) * tau;
+  const T off_r = bb * (T(1) - sig_c), quad_r = half_tau * wr * wr;
+  const T off_l = bb * (T(-1) - sig_c), quad_l = half_tau * wl * wl;
+  consider(best, true, wr, off_r + quad_r, m_abs(off_r) + quad_r);
+  consider(best, true, wl, off_l + quad_l, m_abs(off_l) + quad_l);
+  const T um = c - tau * bb;
+  const T off_m = bb * (c - sig_c), quad_m = half_tau * bb * bb;
+  consider(best, (um >= T(-1)) & (um <= T(1)), -bb, off_m - quad_m, T(3) * quad_m + m_abs(off_m));
+  return -sg * best.w * inv_d + nan_guard(q, b, zsq);
 }
 
 // One entry point for every kind; the CPU and CUDA loops call this with a compile-time KIND.
@@ -310,7 +344,7 @@ TOX_HD T alpha_dispatch(T q, T b, T zsq, T eta, T mu, const RuntimePieces<T>& rp
   if (KIND == kRelu) return alpha_relu(q, b, zsq, eta, mu);
   if (KIND == kArctan) return alpha_arctan(q, b, zsq, eta, mu);
   if (KIND == kIdentity) return alpha_identity(q, b, zsq, eta, mu);
-  if (KIND == kHardtanh) return alpha_odd3(q, b, zsq, eta, mu, T(1), T(0));
+  if (KIND == kHardtanh) return alpha_hardtanh(q, b, zsq, eta, mu);
   if (KIND == kSmoothstep) return alpha_odd3(q, b, zsq, eta, mu, T(1.5), T(-0.5));
   return alpha_piecewise(q, b, zsq, eta, mu, rp);
 }

@@ -299,10 +299,11 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   const T disc = (B * inv_bs) * (B * inv_bs) - T(4) * (A * inv_bs) * (C * inv_bs);
   const T sq = m_sqrt(disc >= T(0) ? disc : T(0)) * bs;
   const T Q = T(-0.5) * (B + m_copysign(sq, B));
-  const bool quadratic = A != T(0);
-  const T r1 = quadratic ? Q / A : -C / B;
-  const T r2 = quadratic & (Q != T(0)) ? C / Q : r1;
-  const bool real = (!quadratic) | (disc >= T(0));
+  // r2 = C/Q is the root that stays finite as A -> 0 (it tends to -C/B, the linear root); r1 = Q/A
+  // is then +-inf and fails the finiteness test, so no branch on A is needed
+  const T r1 = Q / A;
+  const T r2 = C / Q;
+  const bool real = disc >= T(0);
   const T u1 = c + tau * r1, u2 = c + tau * r2;
   offer(best, real & m_isfinite(r1) & (u1 >= T(-1)) & (u1 <= T(1)), r1, bb, tau, p1, h2, a3, off);
   offer(best, real & m_isfinite(r2) & (u2 >= T(-1)) & (u2 <= T(1)), r2, bb, tau, p1, h2, a3, off);

@@ -262,6 +262,18 @@ TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
   return -best.w / d + nan_guard(q, b, zsq);
 }
 
+// The two flat pieces of hardtanh/smoothstep (sigma = 1 above u = 1, -1 below u = -1): what
+// offer() computes with p1 = h2 = a3 = 0, the zero terms folded by hand (the compiler may not,
+// since 0*x is not 0 for x = inf).
+template <typename T>
+TOX_HD void flat_offers(Best<T>& best, T wr, T wl, T bb, T tau, T sig_c) {
+  const T half_tau = T(0.5) * tau;
+  const T off_r = bb * (T(1) - sig_c), quad_r = half_tau * wr * wr;
+  const T off_l = bb * (T(-1) - sig_c), quad_l = half_tau * wl * wl;
+  consider(best, true, wr, off_r + quad_r, m_abs(off_r) + quad_r);
+  consider(best, true, wl, off_l + quad_l, m_abs(off_l) + quad_l);
+}
+
 // hardtanh and smoothstep: odd, flat at -1 below u = -1 and at 1 above u = 1, and
 // sigma(u) = a1 u + a3 u^3 between. A short special case of alpha_piecewise: for b >= 0 (flip
 // (b, c) otherwise) the candidates are the two flat pieces' minimisers u = max(c, 1) and
@@ -285,8 +297,7 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   // flat pieces: u stays at c if c is on them, else moves to their end
   const T wr = c >= T(1) ? T(0) : (T(1) - c) * inv_tau;
   const T wl = c <= T(-1) ? T(0) : (T(-1) - c) * inv_tau;
-  offer(best, true, wr, bb, tau, T(0), T(0), T(0), bb * (T(1) - sig_c));
-  offer(best, true, wl, bb, tau, T(0), T(0), T(0), bb * (T(-1) - sig_c));
+  flat_offers(best, wr, wl, bb, tau, sig_c);
   // middle piece: A w^2 + B w + C = 0 (see alpha_piecewise)
   const T h2 = T(3) * a3 * c;
   const T p1 = a1 + T(3) * a3 * c * c;
@@ -312,8 +323,8 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
 
 // hardtanh: alpha_odd3 with a1 = 1, a3 = 0, where the middle piece is linear and its one
 // candidate is w = -|b| (u = c - tau*|b|, if that lies in [-1, 1]). Same candidates, costs,
-// tolerances and tie rule as offer() would give, with the zero terms folded by hand (the
-// compiler may not: 0*x is not 0 for x = inf); no square root, no per-element division.
+// tolerances and tie rule as offer() would give, with the zero terms folded by hand; no square
+// root, no per-element division.
 template <typename T>
 TOX_HD T alpha_hardtanh(T q, T b, T zsq, T eta, T mu) {
   const T inf = T(HUGE_VAL);
@@ -328,13 +339,9 @@ TOX_HD T alpha_hardtanh(T q, T b, T zsq, T eta, T mu) {
   Best<T> best{inf, T(0), T(0)};
   const T wr = c >= T(1) ? T(0) : (T(1) - c) * inv_tau;
   const T wl = c <= T(-1) ? T(0) : (T(-1) - c) * inv_tau;
-  const T half_tau = T(0.5) * tau;
-  const T off_r = bb * (T(1) - sig_c), quad_r = half_tau * wr * wr;
-  const T off_l = bb * (T(-1) - sig_c), quad_l = half_tau * wl * wl;
-  consider(best, true, wr, off_r + quad_r, m_abs(off_r) + quad_r);
-  consider(best, true, wl, off_l + quad_l, m_abs(off_l) + quad_l);
+  flat_offers(best, wr, wl, bb, tau, sig_c);
   const T um = c - tau * bb;
-  const T off_m = bb * (c - sig_c), quad_m = half_tau * bb * bb;
+  const T off_m = bb * (c - sig_c), quad_m = T(0.5) * tau * bb * bb;
   consider(best, (um >= T(-1)) & (um <= T(1)), -bb, off_m - quad_m, T(3) * quad_m + m_abs(off_m));
   return -sg * best.w * inv_d + nan_guard(q, b, zsq);
 }

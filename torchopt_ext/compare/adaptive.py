@@ -30,7 +30,7 @@ def _train(model_name: str, lr0: float, seed: int, adaptive: bool, iters: int, b
     for _ in range(iters):
         idx = torch.randint(0, len(y), (batch,), generator=g)
         xb, yb = x[idx], y[idx]
-        etas.append(opt.param_groups[0]["lr"])
+        etas.append(float(opt.param_groups[0]["lr"]))
         opt.zero_grad()
         loss = lossf(net(xb), yb).mean()
         loss.backward()

@@ -41,7 +41,7 @@ def measure(model_name: str, eps: float, relative: bool, steps: int = 100, lr: f
         xb, yb = x[idx], y[idx]
         opt.zero_grad()
         lossf(net(xb), yb).mean().backward()
-        eta = opt.param_groups[0]["lr"]
+        eta = float(opt.param_groups[0]["lr"])
         h = eps * eta if relative else eps
         net64 = copy.deepcopy(net).double()
         f64 = []
@@ -57,7 +57,7 @@ def measure(model_name: str, eps: float, relative: bool, steps: int = 100, lr: f
         noise += abs(den32 - den64) > 0.5 * abs(den64)
         dominated += abs(den64) < delta
     return {"model": model_name, "eps": eps, "relative": relative, "noise": noise / steps,
-            "delta_dominated": dominated / steps, "final_eta": opt.param_groups[0]["lr"]}
+            "delta_dominated": dominated / steps, "final_eta": float(opt.param_groups[0]["lr"])}
 
 
 def main(argv=None) -> None:

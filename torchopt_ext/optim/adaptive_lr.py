@@ -28,7 +28,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
-from torchopt_ext.ops.probe import first_order_lr_reference, newton_lr, probe_move_
+from torchopt_ext.ops.probe import first_order_lr_reference, newton_lr, newton_lr_reference, probe_move_
 from torchopt_ext.optim._probe_guard import ProbeGuard
 
 _OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # j of the probes f(eta + j*h)
@@ -64,6 +64,12 @@ class AdaptiveLRSGD(Optimizer):
         relative_eps: probe at ``eta*(1 + j*eps)`` instead of ``eta + j*eps`` (see docs/ADAPTIVE_LR.md:
             in float32 the absolute 1e-5 spacing leaves the second difference in rounding noise).
         batched: with a ``FunctionalProbe`` closure, evaluate the five probes in one vmapped forward.
+        lr_on_device: keep eta (``param_groups[0]["lr"]``) and its velocity as 0-dim float64 tensors
+            on the parameters' device, so that a step never waits for the device (no ``.item()``).
+            The weight step is then ``p -= eta*d`` with a tensor eta (what ``torch.optim.SGD``
+            does with a tensor lr under torch.compile); it equals eager SGD's fused add to one
+            rounding instead of bitwise (eager SGD reads a tensor lr back to the host first).
+            None (default): on for CUDA parameters, off on the CPU, where reading eta costs nothing.
 
     ``step(closure, val_closure=None)``: run ``loss.backward()`` before, as for SGD; ``closure()``
     recomputes the loss on the current batch at the current parameters WITHOUT calling backward
@@ -88,6 +94,7 @@ class AdaptiveLRSGD(Optimizer):
         model: Optional[nn.Module] = None,
         relative_eps: bool = False,
         batched: bool = False,
+        lr_on_device: Optional[bool] = None,
     ):
         lr, eps, delta = _positive("lr", lr), _positive("eps", eps), _positive("delta", delta)
         lr_momentum = _positive("lr_momentum", lr_momentum, allow_zero=True)
@@ -112,6 +119,7 @@ class AdaptiveLRSGD(Optimizer):
                              f"{len(self.param_groups)}")
         self.model = model
         self.batched = bool(batched)
+        self.lr_on_device = None if lr_on_device is None else bool(lr_on_device)
         self.last_probe_losses: Optional[torch.Tensor] = None
         self._scratch = {}  # param -> the storage it points at during the probes; not in state_dict
         self._offsets = {}  # device -> the j of the probes as a float64 tensor
@@ -131,7 +139,12 @@ class AdaptiveLRSGD(Optimizer):
 
     def _warn_if_overridden(self, group) -> None:
         scheduler = "initial_lr" in group or hasattr(self.step, "_wrapped_by_lr_sched")
-        changed = self._eta_set is not None and group["lr"] != self._eta_set
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) or isinstance(self._eta_set, torch.Tensor):
+            # identity, not value: comparing device tensors would wait for the device
+            changed = self._eta_set is not None and lr is not self._eta_set
+        else:
+            changed = self._eta_set is not None and lr != self._eta_set
         if (scheduler or changed) and not self._warned:
             self._warned = True
             warnings.warn(
@@ -210,6 +223,22 @@ class AdaptiveLRSGD(Optimizer):
             losses /= dist.get_world_size()
         return losses
 
+    @staticmethod
+    def _eta(value, device) -> torch.Tensor:
+        """A float or tensor lr/velocity as a 0-dim float64 tensor on ``device`` (from a Python
+        number: a fill, no wait for the device)."""
+        if isinstance(value, torch.Tensor):
+            return value.detach().to(device=device, dtype=torch.float64).reshape(())
+        return torch.scalar_tensor(float(value), dtype=torch.float64, device=device)
+
+    def _weight_step_tensor_lr(self, group, params, dirs, eta: torch.Tensor) -> None:
+        """``p -= eta*d`` with d SGD's direction (``_directions``), its momentum buffers kept as SGD
+        keeps them: d is SGD's new buffer (momentum*buf + grad, or grad on the first step)."""
+        if group["momentum"] != 0:
+            for p, d in zip(params, dirs):
+                self.state[p]["momentum_buffer"] = d.clone() if d is p.grad else d
+        torch._foreach_add_(params, torch._foreach_mul(dirs, -eta))
+
     # -- the step ------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -229,9 +258,10 @@ class AdaptiveLRSGD(Optimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("AdaptiveLRSGD: sparse gradients are not supported")
-        eta = float(group["lr"])
-        dirs = self._directions(group, params)
         device = params[0].device
+        on_device = self.lr_on_device if self.lr_on_device is not None else device.type == "cuda"
+        eta = self._eta(group["lr"], device) if on_device else float(group["lr"])
+        dirs = self._directions(group, params)
         h = group["eps"] * eta if group["relative_eps"] else group["eps"]
         offsets = self._offsets.get(device)
         if offsets is None:
@@ -240,23 +270,32 @@ class AdaptiveLRSGD(Optimizer):
         losses = self._mean_over_ranks(self._probe(probe_fn, params, dirs, steps).to(device))
         self.last_probe_losses = losses
 
-        # the weight step: torch.optim.SGD's own code with the current eta, so bitwise equal to it
-        grads = [p.grad for p in params]
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                        lr=eta, dampening=0.0, nesterov=False, maximize=False)
-        if group["momentum"] != 0:
-            for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = b
+        if on_device:
+            self._weight_step_tensor_lr(group, params, dirs, eta)
+        else:
+            # torch.optim.SGD's own code with the current eta, so bitwise equal to it
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                            lr=eta, dampening=0.0, nesterov=False, maximize=False)
+            if group["momentum"] != 0:
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
 
-        eta_t = torch.scalar_tensor(eta, dtype=torch.float64, device=device)
-        v_t = torch.scalar_tensor(group["lr_velocity"], dtype=torch.float64, device=device)
+        eta_t = eta if on_device else torch.scalar_tensor(eta, dtype=torch.float64, device=device)
+        v_t = self._eta(group["lr_velocity"], device)
         if group["method"] == "newton":
-            eta_next, v_next = newton_lr(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
+            # the compiled op takes h as a number; a tensor h (relative_eps on the device) goes through
+            # the reference, which is the same formula in torch ops
+            rule = newton_lr if not isinstance(h, torch.Tensor) else newton_lr_reference
+            eta_next, v_next = rule(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
         else:
             eta_next, v_next = first_order_lr_reference(losses, eta_t, v_t, h, group["delta"], group["meta_lr"],
                                                         group["lr_momentum"])
-        group["lr"] = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
-        group["lr_velocity"] = float(v_next)
+        if on_device:
+            group["lr"], group["lr_velocity"] = eta_next, v_next
+        else:
+            group["lr"] = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
+            group["lr_velocity"] = float(v_next)
         self._eta_set = group["lr"]
         return losses[2]

@@ -23,7 +23,7 @@ def _problem(device="cpu", dtype=torch.float64, seed=0):
     return net, loss
 
 
-def _run(steps, device="cpu", on_device=False, **kw):
+def _run(steps, device="cpu", on_device=None, **kw):
     net, loss = _problem(device)
     opt = AdaptiveLRSGD(net.parameters(), lr=0.05, lr_on_device=on_device, **kw)
     for _ in range(steps):
@@ -40,15 +40,16 @@ def _run(steps, device="cpu", on_device=False, **kw):
 ])
 def test_tensor_eta_follows_the_float_path(kw):
     # not bitwise: with a tensor eta the weight step is p + (-eta*d), two roundings, where SGD's
-    # fused add makes one; in float64 that is 1e-16 relative a step
-    net_f, opt_f = _run(6, **kw)
+    # fused add makes one, and with relative_eps eta's update runs the reference formula instead of
+    # the compiled one; a few ulps a step, which six steps of a changing eta amplify (seen: 6e-13)
+    net_f, opt_f = _run(6, on_device=False, **kw)
     net_t, opt_t = _run(6, on_device=True, **kw)
     lr = opt_t.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype == torch.float64
     assert isinstance(opt_f.param_groups[0]["lr"], float)
     assert abs(float(lr) - opt_f.param_groups[0]["lr"]) <= 1e-10 * opt_f.param_groups[0]["lr"]
     for a, b in zip(net_f.parameters(), net_t.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     # and eta really moved, or the comparison above proves little
     assert abs(float(lr) - 0.05) > 1e-4
 
@@ -118,8 +119,8 @@ def test_cuda_step_never_waits_for_the_device():
 
 @cuda
 def test_cuda_run_equals_cpu_run():
-    net_c, opt_c = _run(5, momentum=0.9)
-    net_g, opt_g = _run(5, device="cuda", momentum=0.9)
+    net_c, opt_c = _run(5, momentum=0.9)  # float eta on the CPU
+    net_g, opt_g = _run(5, device="cuda", momentum=0.9)  # eta on the device
     torch.testing.assert_close(float(opt_g.param_groups[0]["lr"]), opt_c.param_groups[0]["lr"], rtol=1e-9, atol=0)
     for a, b in zip(net_c.parameters(), net_g.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-9, atol=1e-12)

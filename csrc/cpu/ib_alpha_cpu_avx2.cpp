@@ -6,6 +6,22 @@
 #define TOX_HAVE_AVX2_TU 1
 #endif
 #define TOX_MATH_NS math_avx2
+#if defined(TOX_HAVE_AVX2_TU) && defined(TOX_HAVE_LIBMVEC)
+// glibc >= 2.35 ships AVX2 versions of cbrt, acos and cos in libmvec (_ZGVdN4v_cbrt, ...; at most
+// 4 ulp, which the arctan solver's polishing steps absorb). Declaring the scalar functions as
+// simd lets the arctan loop call them four doubles at a time; setup.py defines TOX_HAVE_LIBMVEC
+// and links -lmvec only where the library is there.
+#include <cmath>
+extern "C" {
+__attribute__((simd("notinbranch"))) double cbrt(double) noexcept;
+__attribute__((simd("notinbranch"))) double acos(double) noexcept;
+__attribute__((simd("notinbranch"))) double cos(double) noexcept;
+}
+#define TOX_BRANCHLESS_CARDANO 1
+// without these two GCC sinks the libm calls of the branch-free Cardano back into branches,
+// which stops the loop from vectorising
+#pragma GCC optimize("no-tree-sink", "no-tree-pre")
+#endif
 #include "torchopt_ext/ib_alpha_math.h"
 #include "ib_alpha_rows.h"
 

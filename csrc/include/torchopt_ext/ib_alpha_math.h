@@ -120,6 +120,22 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   const T h = c * (c2 * T(1.0 / 27.0) + T(1.0 / 3.0)) - T(0.5) * bb * tau;  // r/2
   const T disc = h * h + p3 * p3 * p3;
   T t;
+#ifdef TOX_BRANCHLESS_CARDANO
+  // Both forms for every element, then a select: with vector cbrt/acos/cos (glibc's libmvec, see
+  // csrc/cpu/ib_alpha_cpu_avx2.cpp) the loop vectorises, and computing the unused form costs less
+  // than a scalar loop. The unused form gets harmless arguments (libmvec takes a slow scalar path
+  // for NaN or |arg| > 1), so it never costs more than a real one.
+  {
+    const bool one_root = disc >= T(0);
+    const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(one_root ? disc : T(0))), h);
+    const T t_one = a != T(0) ? a - p3 / a : T(0);
+    const T rt = m_sqrt(one_root ? T(1) : -p3);
+    T arg = one_root ? T(0) : -h / (rt * rt * rt);
+    arg = arg > T(1) ? T(1) : (arg < T(-1) ? T(-1) : arg);
+    const T t_three = T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
+    t = one_root ? t_one : t_three;
+  }
+#else
   if (disc >= T(0)) {
     const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(disc)), h);
     t = a != T(0) ? a - p3 / a : T(0);
@@ -129,6 +145,7 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
     arg = arg > T(1) ? T(1) : (arg < T(-1) ? T(-1) : arg);
     t = T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
   }
+#endif
   const T x = t + c * T(2.0 / 3.0);
   T w = c - x;
   T v = bb / (T(1) + w * w);

@@ -17,6 +17,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TOX_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always inlined: a solver left as a call inside the CPU's `omp simd` loop stops it vectorising
+// (GCC's inliner gave up on smoothstep once the row loop was instantiated twice as often: 7x
+// slower), and arctan runs 15% faster inlined
+#define TOX_HD inline __attribute__((always_inline))
 #else
 #define TOX_HD inline
 #endif

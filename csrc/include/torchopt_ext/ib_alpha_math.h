@@ -115,10 +115,11 @@ template <typename T>
 TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   const T kTwoPi = T(6.283185307179586476925286766559);
   const T d = T(1) + eta * mu;
-  const T tau = eta * zsq / d;
+  const T inv_d = T(1) / d;  // row-invariant: hoisted out of the CPU loop, a multiply per element
+  const T tau = eta * zsq * inv_d;
   const T sg = b < T(0) ? T(-1) : T(1);
   const T bb = sg * b;
-  const T c = sg * (q / d);
+  const T c = sg * (q * inv_d);
   const T c2 = c * c;
   // depressed cubic t^3 + p t + r = 0 with x = t + 2c/3
   const T p3 = T(1.0 / 3.0) - c2 * T(1.0 / 9.0);                    // p/3
@@ -161,7 +162,7 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   // the root we want is a crossing from f < 0 to f > 0, so f' >= 0 there; refuse wild steps
   const bool ok = fp > T(0) && m_abs(vn - v) < T(0.5) * v;
   v = ok ? vn : v;
-  return sg * v / d + nan_guard(q, b, zsq);
+  return sg * v * inv_d + nan_guard(q, b, zsq);
 }
 
 // ---------------------------------------------------------------------------------------------

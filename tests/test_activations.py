@@ -101,3 +101,25 @@ def test_validation_errors():
         PiecewiseCubic.fit(torch.tanh, -1, 1, 0)
     with pytest.raises(ValueError, match="activation must be one of"):
         activations.get("swish")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["relu", "hardtanh", "smoothstep", "arctan", "identity"])
+def test_eb_signal_is_b_times_the_derivative_with_its_knot_conventions(name, dtype):
+    """The layers' fused b*sigma'(u) (aten's threshold/hardtanh backward, a clamp for smoothstep)
+    against the derivative table: same zeros, knots included (relu'(0) = 0, hardtanh'(1) = 1,
+    hardtanh'(-1) = 0), and the numbers to an ulp of dtype."""
+    from torchopt_ext.nn.activation_fns import eb_signal, functions
+
+    g = torch.Generator().manual_seed(1)
+    knots = torch.tensor([-1.0, 1.0, 0.0, -0.0, 1.5, -1.5], dtype=dtype)
+    around = torch.nextafter(knots[:2], torch.tensor([2.0, -2.0], dtype=dtype))
+    inside = torch.nextafter(knots[:2], torch.zeros(2, dtype=dtype))
+    u = torch.cat([(torch.randn(4000, generator=g, dtype=torch.float64) * 2).to(dtype), knots, around, inside])
+    b = torch.randn(u.shape, generator=g, dtype=torch.float64).to(dtype)
+    act = activations.get(name)
+    fast, ref = eb_signal(act, b, u), b * functions(act)[1](u)
+    assert fast.dtype == dtype
+    assert torch.equal(fast == 0, ref == 0)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(fast, ref, rtol=2 * ulp, atol=0)

@@ -38,3 +38,49 @@ def functions(act: _act.Activation) -> Pair:
     if act.kind in _FAST:  # the built-in kinds: the kernels use their closed forms too
         return _FAST[act.kind]
     return act, act.derivative
+
+
+# b * sigma'(u) in as few passes as possible: each elementwise op costs ~5-10 us at n = m = 100, more
+# than the arithmetic, so at that size the op count decides (relu 3 ops -> 1 saved ~20 us a step).
+def _relu_eb(b, u):
+    return torch.ops.aten.threshold_backward(b, u, 0)  # b where u > 0, else 0: relu'(0) = 0
+
+
+def _hardtanh_eb(b, u):
+    # aten's hardtanh_backward passes b where min < u < max; our convention also passes u == 1
+    # (the left piece owns the knot), so max is the next number above 1 in u's dtype
+    return torch.ops.aten.hardtanh_backward(b, u, -1.0, _next_above_one(u.dtype))
+
+
+def _smoothstep_eb(b, u):
+    # 1.5 (1 - u^2) is < 0 exactly where |u| > 1 and 0 at |u| = 1, so a clamp is the whole piece table
+    return (1.0 - u * u).clamp_min_(0.0).mul_(b).mul_(1.5)
+
+
+def _arctan_eb(b, u):
+    return b / (u * u).add_(1.0)
+
+
+_NEXT_ABOVE_ONE = {}
+
+
+def _next_above_one(dtype: torch.dtype) -> float:
+    if dtype not in _NEXT_ABOVE_ONE:
+        one = torch.ones((), dtype=dtype)
+        _NEXT_ABOVE_ONE[dtype] = float(torch.nextafter(one, one + 1))
+    return _NEXT_ABOVE_ONE[dtype]
+
+
+_FAST_EB = {
+    _act.KIND_RELU: _relu_eb,
+    _act.KIND_ARCTAN: _arctan_eb,
+    _act.KIND_HARDTANH: _hardtanh_eb,
+    _act.KIND_SMOOTHSTEP: _smoothstep_eb,
+    _act.KIND_IDENTITY: lambda b, u: b,
+}
+
+
+def eb_signal(act: _act.Activation, b: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The explicit-backprop signal b * sigma'(u), same conventions as ``functions(act)[1]``."""
+    fast = _FAST_EB.get(act.kind)
+    return fast(b, u) if fast is not None else b * act.derivative(u)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from torchopt_ext import activations as _act
-from torchopt_ext.nn.activation_fns import functions
+from torchopt_ext.nn.activation_fns import eb_signal
 from torchopt_ext.ops.ib_alpha import _compiled_for, ib_alpha_reference
 
 
@@ -18,7 +18,7 @@ def alpha(q: torch.Tensor, b: torch.Tensor, z_sqnorm: torch.Tensor, eta: float, 
     eta == 0 is the explicit-backprop limit alpha = b sigma'(q) (the kernels need eta > 0).
     """
     if eta == 0.0:
-        return b * functions(act)[1](q)
+        return eb_signal(act, b, q)
     if act.kind == _act.KIND_IDENTITY:  # linear sigma: alpha = b/(1+eta mu), no solve, no ||z||^2
         return b if mu == 0.0 else b * (1.0 / (1.0 + eta * mu))
     if _compiled_for(q.device):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from torchopt_ext import activations as _act
 from torchopt_ext.nn import hyper
-from torchopt_ext.nn.activation_fns import functions
+from torchopt_ext.nn.activation_fns import eb_signal, functions
 from torchopt_ext.nn.alpha import alpha as _alpha
 
 
@@ -47,7 +47,7 @@ class ImplicitLinearFunction(torch.autograd.Function):
         # weight's dtype (autograd casts grad_x back to x's dtype)
         wdt = weight.dtype
         if need_x:
-            grad_x = (grad_y * functions(act)[1](q)).to(wdt) @ weight
+            grad_x = eb_signal(act, grad_y, q).to(wdt) @ weight
         if need_w or need_b:
             eta, mu, maximize = hyper.resolve(layer, weight)
             x2 = x.reshape(-1, n).to(wdt)

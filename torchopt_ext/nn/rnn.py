@@ -18,7 +18,7 @@ from torch import nn
 
 from torchopt_ext import activations as _act
 from torchopt_ext.nn import hyper
-from torchopt_ext.nn.activation_fns import functions
+from torchopt_ext.nn.activation_fns import eb_signal, functions
 from torchopt_ext.nn.alpha import alpha as _alpha
 
 
@@ -57,7 +57,7 @@ class _Cell(torch.autograd.Function):
     def backward(ctx, grad_h):
         x, h_prev, w_ih, w_hh, q = ctx.saved_tensors
         act = ctx.act
-        g_q = grad_h * functions(act)[1](q)  # explicit signal for x_t and h_{t-1}
+        g_q = eb_signal(act, grad_h, q)  # explicit signal for x_t and h_{t-1}
         grad_x = g_q @ w_ih if ctx.needs_input_grad[0] else None
         grad_hp = g_q @ w_hh if ctx.needs_input_grad[1] else None
         eta, mu, maximize = hyper.resolve(ctx.layer, ctx.key)

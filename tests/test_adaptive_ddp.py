@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from torchopt_ext.optim import AdaptiveLRSGD
-from dist_helpers import free_port, init_gloo
+from dist_helpers import close_gloo, free_port, init_gloo
 
 
 def _worker(rank, world, port, out_dir):
@@ -31,7 +31,7 @@ def _worker(rank, world, port, out_dir):
         torch.save({"eta": opt.param_groups[0]["lr"], "w": flat, "f": opt.last_probe_losses},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")

@@ -19,7 +19,7 @@ from torch import nn
 
 from torchopt_ext.nn import ImplicitLinear
 from torchopt_ext.optim import ImplicitSGD
-from dist_helpers import free_port, init_gloo
+from dist_helpers import close_gloo, free_port, init_gloo
 
 R, B, STEPS = 2, 6, 3
 ETA, MU, MOMENTUM = 0.5, 0.02, 0.5
@@ -49,7 +49,7 @@ def _worker(rank, port, out_dir):
             opt.step()
         torch.save([p.detach() for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 def _reference():

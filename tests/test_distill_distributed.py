@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from torchopt_ext.distill import DistillConfig, distill
-from dist_helpers import free_port, init_gloo
+from dist_helpers import close_gloo, free_port, init_gloo
 
 
 def config():
@@ -20,7 +20,7 @@ def worker(rank, world, port, path):
         if rank == 0:
             torch.save({"points": ds.points, "lrs": ds.lrs, "losses": torch.tensor(ds.meta["losses"])}, path)
     finally:
-        dist.destroy_process_group()
+        close_gloo()
 
 
 def test_two_processes_match_one(tmp_path):

@@ -120,15 +120,36 @@ def run(args):
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _close_distributed()
+
+
+_OWN_GROUP = []  # the process group this CLI created (torchrun), which it must also close
 
 
 def _init_distributed():
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+        _OWN_GROUP.append(True)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _close_distributed():
+    # all ranks meet, then leave: a rank exiting with its gloo group open, or tearing it down while
+    # the other still reads, can abort the process (SIGABRT, "terminate called without an active
+    # exception"), which torchrun then reports as a failed run
+    if not _OWN_GROUP:
+        return
+    import torch.distributed as dist
+    _OWN_GROUP.clear()
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _run(args):

@@ -5,6 +5,7 @@ import os
 import sys
 import time
 
+from torchopt_ext._distributed import leave_group
 from torchopt_ext.distill.config import DATASETS, DistillConfig, DistillError
 
 _D = DistillConfig()
@@ -124,32 +125,25 @@ def run(args):
         _close_distributed()
 
 
-_OWN_GROUP = []  # the process group this CLI created (torchrun), which it must also close
+_owns_group = False  # whether this CLI opened the process group (under torchrun), and so must close it
 
 
 def _init_distributed():
+    global _owns_group
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
-        _OWN_GROUP.append(True)
+        _owns_group = True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _close_distributed():
-    # all ranks meet, then leave: a rank exiting with its gloo group open, or tearing it down while
-    # the other still reads, can abort the process (SIGABRT, "terminate called without an active
-    # exception"), which torchrun then reports as a failed run
-    if not _OWN_GROUP:
-        return
-    import torch.distributed as dist
-    _OWN_GROUP.clear()
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    global _owns_group
+    if _owns_group:
+        _owns_group = False
+        leave_group()
 
 
 def _run(args):

@@ -111,9 +111,25 @@ TOX_HD T alpha_identity(T q, T b, T zsq, T eta, T mu) {
 // only to eps*|c| in absolute terms, which is all noise when tau -> 0; one step of the contraction
 // v = b/(1 + (c - x)^2) turns that absolute error into a relative one (|d log v/dx| <= 1), and one
 // guarded Newton step on f(v) = v(1 + (c - tau v)^2) - b polishes the last bits.
+// The depressed cubic t^3 + 3 p3 t + 2 h = 0 (disc = h^2 + p3^3): its one real root when disc >= 0
+// (Cardano), or its smallest root when there are three (disc < 0, so p3 < 0; trigonometric form).
+template <typename T>
+TOX_HD T cardano_one_root(T h, T disc, T p3) {
+  const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(disc)), h);
+  return a != T(0) ? a - p3 / a : T(0);
+}
+
+template <typename T>
+TOX_HD T cardano_three_roots(T h, T p3) {
+  const T kTwoPi = T(6.283185307179586476925286766559);
+  const T rt = m_sqrt(-p3);
+  T arg = -h / (rt * rt * rt);
+  arg = arg > T(1) ? T(1) : (arg < T(-1) ? T(-1) : arg);
+  return T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
+}
+
 template <typename T>
 TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
-  const T kTwoPi = T(6.283185307179586476925286766559);
   const T d = T(1) + eta * mu;
   const T inv_d = T(1) / d;  // row-invariant: hoisted out of the CPU loop, a multiply per element
   const T tau = eta * zsq * inv_d;
@@ -130,27 +146,16 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   // Both forms for every element, then a select: with vector cbrt/acos/cos (glibc's libmvec, see
   // csrc/cpu/ib_alpha_cpu_avx2.cpp) the loop vectorises, and computing the unused form costs less
   // than a scalar loop. The unused form gets harmless arguments (libmvec takes a slow scalar path
-  // for NaN or |arg| > 1), so it never costs more than a real one.
-  {
-    const bool one_root = disc >= T(0);
-    const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(one_root ? disc : T(0))), h);
-    const T t_one = a != T(0) ? a - p3 / a : T(0);
-    const T rt = m_sqrt(one_root ? T(1) : -p3);
-    T arg = one_root ? T(0) : -h / (rt * rt * rt);
-    arg = arg > T(1) ? T(1) : (arg < T(-1) ? T(-1) : arg);
-    const T t_three = T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
-    t = one_root ? t_one : t_three;
-  }
+  // for NaN or |arg| > 1): disc 0 for Cardano, and h = 0, p3 = -1 (arg 0) for the trig form.
+  const bool one_root = disc >= T(0);
+  const T t_one = cardano_one_root(h, one_root ? disc : T(0), p3);
+  const T t_three = cardano_three_roots(one_root ? T(0) : h, one_root ? T(-1) : p3);
+  t = one_root ? t_one : t_three;
 #else
-  if (disc >= T(0)) {
-    const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(disc)), h);
-    t = a != T(0) ? a - p3 / a : T(0);
-  } else {  // three real roots, p < 0
-    const T rt = m_sqrt(-p3);
-    T arg = -h / (rt * rt * rt);
-    arg = arg > T(1) ? T(1) : (arg < T(-1) ? T(-1) : arg);
-    t = T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
-  }
+  if (disc >= T(0))
+    t = cardano_one_root(h, disc, p3);
+  else
+    t = cardano_three_roots(h, p3);
 #endif
   const T x = t + c * T(2.0 / 3.0);
   T w = c - x;

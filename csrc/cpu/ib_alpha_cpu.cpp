@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <atomic>
+
 #include "torchopt_ext/ib_alpha_check.h"
 #include "torchopt_ext/ib_alpha_math.h"
 #include "ib_alpha_rows.h"
@@ -25,6 +27,16 @@ bool use_avx2() {
 #endif
   return g_use_avx2 && cpu_has && avx2_compiled();
 }
+
+// float32 input takes the float32 fast paths (ib_alpha_fast32.h) unless switched off; the count
+// of elements they handed back to the double solver lets tests see that path taken
+static std::atomic<bool> g_fast32{true};
+static std::atomic<int64_t> g_fast32_redone{0};
+
+bool fast32_enabled() { return g_fast32.load(std::memory_order_relaxed); }
+void count_fast32_redone(int64_t n) { g_fast32_redone.fetch_add(n, std::memory_order_relaxed); }
+bool set_fast32(bool on) { return g_fast32.exchange(on); }
+int64_t fast32_redone(bool reset) { return reset ? g_fast32_redone.exchange(0) : g_fast32_redone.load(); }
 
 std::string set_isa(const std::string& isa) {
   TORCH_CHECK(isa == "auto" || isa == "baseline", "set_cpu_isa: isa must be 'auto' or 'baseline', got '", isa, "'");

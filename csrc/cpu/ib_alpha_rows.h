@@ -2,14 +2,17 @@
 // for baseline x86-64 (ib_alpha_cpu.cpp) and once for AVX2+FMA (ib_alpha_cpu_avx2.cpp); the
 // caller picks one at run time. Expects namespace alias `tm` for the solver namespace.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+
+#include "torchopt_ext/ib_alpha_fast32.h"
 
 // relu and identity stay in the input precision (and vectorise); the cubic solvers run in double,
 // where tau^2 and the cubic's coefficients cannot overflow.
 #define TOX_DEFINE_ALPHA_ROWS(FN)                                                                      \
   template <int64_t KIND, typename scalar_t>                                                           \
-  static void FN##_kind(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
+  static void FN##_exact(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
                         int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,            \
                         const double* knots, const double* coef) {                                     \
     using acc_t = std::conditional_t<KIND == tm::kRelu || KIND == tm::kIdentity, scalar_t, double>;    \
@@ -25,6 +28,54 @@
             static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), z, eta, mu, rp));                      \
       }                                                                                                \
     }                                                                                                  \
+  }                                                                                                    \
+  /* float32 closed forms over a block; returns how many elements they were not certain of (NaN) */   \
+  template <int64_t KIND>                                                                              \
+  static int64_t FN##_fast32_block(const float* p, const float* g, float* o, int64_t n,                \
+                                   const tm::Fast32Row<float> row) {                                   \
+    _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) o[j] = tm::alpha_fast32<KIND, float>(p[j], g[j], row); \
+    int64_t unsure = 0;                                                                                \
+    for (int64_t j = 0; j < n; ++j) unsure += o[j] != o[j];                                            \
+    return unsure;                                                                                     \
+  }                                                                                                    \
+  /* ... and the elements left NaN solved again by the double solver, and counted */                  \
+  template <int64_t KIND>                                                                              \
+  static void FN##_fast32(const float* pre, const float* grad, const float* zsq, float* out, int64_t r0, \
+                          int64_t r1, int64_t m, double lr, double wd, int64_t M, const double* knots,  \
+                          const double* coef) {                                                        \
+    constexpr int64_t kBlock = 2048;                                                                   \
+    const tm::RuntimePieces<double> rp{M, knots, coef};                                                \
+    int64_t redone = 0;                                                                                \
+    for (int64_t r = r0; r < r1; ++r) {                                                                \
+      const double z = static_cast<double>(zsq[r]);                                                    \
+      const tm::Fast32Row<float> row = tm::fast32_row<float>(lr, wd, z);                               \
+      if (!row.ok) {                                                                                   \
+        FN##_exact<KIND, float>(pre, grad, zsq, out, r, r + 1, m, lr, wd, M, knots, coef);             \
+        continue;                                                                                      \
+      }                                                                                                \
+      const float* p = pre + r * m;                                                                    \
+      const float* g = grad + r * m;                                                                   \
+      float* o = out + r * m;                                                                          \
+      for (int64_t j0 = 0; j0 < m; j0 += kBlock) {                                                     \
+        const int64_t n = std::min(kBlock, m - j0);                                                    \
+        const int64_t unsure = FN##_fast32_block<KIND>(p + j0, g + j0, o + j0, n, row);                \
+        if (unsure == 0) continue;                                                                     \
+        redone += unsure;                                                                              \
+        for (int64_t j = j0; j < j0 + n; ++j)                                                          \
+          if (o[j] != o[j])                                                                            \
+            o[j] = static_cast<float>(tm::alpha_dispatch<KIND, double>(p[j], g[j], z, lr, wd, rp));    \
+      }                                                                                                \
+    }                                                                                                  \
+    if (redone) count_fast32_redone(redone);                                                           \
+  }                                                                                                    \
+  template <int64_t KIND, typename scalar_t>                                                           \
+  static void FN##_kind(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
+                        int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,            \
+                        const double* knots, const double* coef) {                                     \
+    if constexpr (std::is_same<scalar_t, float>::value && tm::has_fast32<KIND>()) {                    \
+      if (fast32_enabled()) return FN##_fast32<KIND>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef); \
+    }                                                                                                  \
+    FN##_exact<KIND, scalar_t>(pre, grad, zsq, out, r0, r1, m, lr, wd, M, knots, coef);                \
   }                                                                                                    \
   template <typename scalar_t>                                                                         \
   void FN(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
@@ -49,6 +100,10 @@
 
 namespace torchopt_ext {
 namespace cpu {
+// the float32 fast paths' switch and their count of elements solved again in double
+// (ib_alpha_cpu.cpp)
+bool fast32_enabled();
+void count_fast32_redone(int64_t n);
 // declarations of both variants (definitions in ib_alpha_cpu.cpp and ib_alpha_cpu_avx2.cpp)
 template <typename scalar_t>
 void alpha_rows_base(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,

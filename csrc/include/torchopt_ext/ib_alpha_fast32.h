@@ -1,0 +1,173 @@
+// Float32 fast paths of the hardtanh and smoothstep solvers, with a certificate.
+//
+// The double solvers (ib_alpha_math.h) are compute-bound on a CPU: 4 lanes per AVX2 vector and a
+// generic candidate search. For float32 input these closed forms run in float32 (8 lanes), and
+// each also bounds its own rounding error: where a decision (which candidate wins, whether the
+// middle piece's stationary point lies inside it) is closer than that bound, or where an input
+// is outside the range the bounds were derived for, the function returns NaN ("not certain") and
+// the caller solves that element again with the double solver. A certain result makes the
+// exact minimiser's choice and is within about 2e-6 |alpha| + 1.2e-5 |b| of it (float32 inputs
+// carry 6e-8 relative rounding already); tests/test_ib_alpha_fast32.py holds it to the float64
+// reference on the discontinuities of alpha, where a wrong choice would show.
+//
+// Notation as in ib_alpha_math.h, after the flip to b >= 0 (both activations are odd):
+//   c = q/d, f = c + 1, e = c - 1, T = tau*b, and tw = u - c = tau*omega, alpha = -tw/(eta*zsq).
+// f and e are computed as (q +- d)/d with d split into two floats, so they keep full relative
+// precision where c is near -1 or 1 (the kinks), which c + 1 in float32 would not.
+#pragma once
+
+#include "torchopt_ext/ib_alpha_math.h"
+
+namespace torchopt_ext {
+namespace TOX_MATH_NS {
+
+// Per-row constants, computed in double and rounded once. ok = false sends the whole row to the
+// double solver (tau or d too large or small for the float32 bounds below, or not finite).
+template <typename T>
+struct Fast32Row {
+  T d_hi, d_lo;  // d = d_hi + d_lo to about 2^-48
+  T inv_d, tau, inv_tau, inv_ez;  // 1/d, eta*zsq/d, d/(eta*zsq), 1/(eta*zsq)
+  bool ok;
+};
+
+template <typename T>
+inline Fast32Row<T> fast32_row(double eta, double mu, double zsq) {
+  const double d = 1.0 + eta * mu;
+  const double ez = eta * zsq;
+  const double tau = ez / d;
+  Fast32Row<T> r;
+  r.d_hi = T(d);
+  r.d_lo = T(d - double(r.d_hi));
+  r.inv_d = T(1.0 / d);
+  r.tau = T(tau);
+  r.inv_tau = T(d / ez);
+  r.inv_ez = T(1.0 / ez);
+  r.ok = tau >= 1e-12 && tau <= 1e8 && d <= 1e8;  // false for NaN too
+  return r;
+}
+
+// Relative tolerance of a certain decision: 16 float32 eps (2^-19 = 1.9e-6), four times the
+// rounding bound of each compared quantity, below the tests' float32 tolerance.
+template <typename T>
+TOX_HD T fast32_tol() { return T(1.9073486328125e-06); }
+
+// Inputs the bounds hold for: |c| <= 1e4, 1e-20 <= |b| <= 1e8 (or b = 0). Keeps every product
+// below in float32 range. NaN or Inf input fails it too, and the double solver handles it.
+template <typename T>
+TOX_HD bool fast32_in_range(T qs, T bb) {
+  return (m_abs(qs) <= T(1e4)) & (bb <= T(1e8)) & ((bb >= T(1e-20)) | (bb == T(0)));
+}
+
+template <typename T>
+TOX_HD bool fast32_near(T x, T y, T scale) { return m_abs(x - y) <= fast32_tol<T>() * scale; }
+
+// hardtanh, b >= 0: u* = c for c <= -1; else the middle piece's u = c - T when that is >= -1
+// (T <= f) and beats staying at c (only a question for c > 1: T > 2e); else u = -1 when that
+// beats staying (f^2 < 4T; always so for c <= 1). Ties go to staying (the smaller |alpha|).
+// T = f needs no certificate: there u = c - T = -1, and both sides give alpha = b/d.
+template <typename T>
+TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
+  // every value computed unconditionally, then selected: GCC does not vectorise a conditional
+  // load of a row constant
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b, qs = sg * q;
+  const T f = ((qs + r.d_hi) + r.d_lo) * r.inv_d;
+  const T e = ((qs - r.d_hi) - r.d_lo) * r.inv_d;
+  const T t = r.tau * bb;
+  const T f2 = f * f, e2 = T(2) * e, t4 = T(4) * t;
+  const T bd = b * r.inv_d, fl = sg * f * r.inv_ez;
+  const bool middle_inside = t <= f;
+  const T a_mid = t > e2 ? bd : T(0);
+  const T a_low = f2 < t4 ? fl : T(0);
+  const T a = f > T(0) ? (middle_inside ? a_mid : a_low) : T(0);
+  // (a select between two bools stops GCC vectorising; masks instead)
+  const bool near = (middle_inside & fast32_near(t, e2, t + m_abs(e2))) |
+                    (!middle_inside & fast32_near(f2, t4, f2 + t4));
+  const bool certain = fast32_in_range(qs, bb) & !near;
+  return certain ? a : T(NAN);
+}
+
+// smoothstep, b >= 0, s(u) = 1.5u - 0.5u^3 on [-1, 1]. Candidates (u <= c, since s is
+// non-decreasing): stay at c (when c >= 1), u = -1, and the middle piece's local minimum, the
+// root of A w^2 + B w + C (A = -K tau, B = 1 - 2Kc, C = -1.5 b e f, K = 1.5 T) where the
+// quadratic's slope B + 2Aw = +sqrt(disc) is positive. disc = B^2 - 4AC = (2K - c)^2 - e f, a
+// sum of two accurate terms. Written for tw = tau*w with one division and no cancellation:
+//   B > 0: tw = 2K e f / (B + sqrt(disc));   B <= 0: tw = -(sqrt(disc) - B) / (2K).
+// Costs G (objective minus its value at c) are compared as in alpha_piecewise, ties to the
+// smaller |tw|; the order stay < middle < (u = -1) is also the order of |tw|.
+template <typename T>
+TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
+  const T tol = fast32_tol<T>();
+  const T eps = m_eps<T>();
+  const T inf = T(HUGE_VAL);
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b, qs = sg * q;
+  const T c = qs * r.inv_d;
+  const T f = ((qs + r.d_hi) + r.d_lo) * r.inv_d;
+  const T e = ((qs - r.d_hi) - r.d_lo) * r.inv_d;
+  const T ef = e * f;  // c^2 - 1
+  const T K = T(1.5) * r.tau * bb;
+  const T g = T(2) * K - c;
+  // disc = B^2 - 4AC = 1 + 4K(K - c) = (2K - c)^2 + (1 - c^2), in the form without cancellation:
+  // the sum of two non-negative terms for |c| <= 1, the first form above (where the second
+  // cancels). dscale bounds each form's rounding: |error| <= 4 eps dscale (float32 eps = 2^-23).
+  const bool mid = ef <= T(0);
+  const T disc = mid ? g * g - ef : T(1) + T(4) * K * (K - c);
+  const T dscale = mid ? T(2) * m_abs(g) * (T(2) * K + m_abs(c)) + m_abs(ef) : T(1) + T(4) * K * (K + m_abs(c));
+  const T B = T(1) - T(2) * K * c;
+  const T errB = T(4) * eps * (T(1) + T(2) * K * m_abs(c));
+  const T sq = m_sqrt(disc > T(0) ? disc : T(0));
+  const bool bpos = B > T(0);
+  const T tw_m = (bpos ? T(2) * K * ef : sq - B) / (bpos ? B + sq : T(-2) * K);
+  // tw_m's relative error, (errB + 2 eps dscale / sq) / (|B| + sq), below 4 tol = 7.6e-6
+  // (multiplied out by sq: no division). Enough, since |alpha| <= 1.5 |b| / d at the middle
+  // minimum: the error stays below 1.2e-5 |b|.
+  const bool tw_certain = errB * sq + T(2) * eps * dscale <= T(4) * tol * (m_abs(B) + sq) * sq;
+  const bool real = disc >= T(0);
+  const bool m_inside = real & (tw_m >= -f) & (tw_m <= -e);
+  // the ends u = -1 and u = 1 need no margin: near u = -1 the middle minimum and u = -1 give the
+  // same alpha; near u = 1 (c > 1) staying at c beats it by (c - 1)^2 / (2 tau)
+  const bool m_doubt = fast32_near(disc, T(0), dscale) | (real & !tw_certain);
+
+  const bool above = e > T(0);  // c > 1: s(c) = 1 and the middle polynomial is off by `off`
+  const T off = above ? T(-0.5) * bb * e * e * (f + T(1)) : T(0);  // bb (p(c) - 1)
+  const T p1 = T(-1.5) * ef, h2 = T(-1.5) * c;
+  const T half_it = T(0.5) * r.inv_tau;
+  const T quad_m = half_it * tw_m * tw_m;
+  const T inner = p1 + tw_m * (h2 - T(0.5) * tw_m);
+  const T G_m = bb * tw_m * inner + off + quad_m;
+  const T S_m = m_abs(bb * tw_m) * (m_abs(p1) + m_abs(tw_m) * (m_abs(h2) + T(0.5) * m_abs(tw_m))) +
+                m_abs(off) + quad_m;
+  // u = -1: b (s(-1) - s(c)) + f^2/(2 tau), with -1 - s(c) = -f^2 (2 - c)/2 on the middle piece
+  const T quad_l = half_it * f * f;
+  const T lin_l = above ? T(-2) * bb : T(-0.5) * bb * f * f * (T(1) - e);
+  const T G_l = lin_l + quad_l;
+  const T S_l = m_abs(lin_l) + quad_l;
+
+  // s'(-1) = 0, so the objective falls as u leaves -1 to the right (slope -f/tau): the middle
+  // minimum, where it exists, always beats u = -1, and only staying (c >= 1) competes with the
+  // one left. A near tie with staying matters only if the alphas differ (not as c -> 1).
+  const bool a_ok = e >= T(0);
+  const T G_o = m_inside ? G_m : G_l, S_o = m_inside ? S_m : S_l, tw_o = m_inside ? tw_m : -f;
+  const bool take_a = a_ok & (T(0) <= G_o);
+  const T tw = take_a ? T(0) : tw_o;
+  const bool o_is_a = fast32_near(tw_o, T(0), K);  // |alpha| <= 1.5 tol |b| / d
+  const bool g_doubt = a_ok & !o_is_a & fast32_near(G_o, T(0), S_o);
+  // c <= -1: no candidate needed (u stays); only the range test applies
+  const bool certain = fast32_in_range(qs, bb) & ((f <= T(0)) | !(m_doubt | g_doubt));
+  const T a_any = -sg * tw * r.inv_ez;
+  const T a = f > T(0) ? a_any : T(0);
+  return certain ? a : T(NAN);
+}
+
+template <int64_t KIND>
+constexpr bool has_fast32() { return KIND == kHardtanh || KIND == kSmoothstep; }
+
+template <int64_t KIND, typename T>
+TOX_HD T alpha_fast32(T q, T b, const Fast32Row<T> r) {
+  if (KIND == kHardtanh) return alpha_hardtanh_fast32(q, b, r);
+  return alpha_smoothstep_fast32(q, b, r);
+}
+
+}  // namespace TOX_MATH_NS
+}  // namespace torchopt_ext

@@ -1,0 +1,163 @@
+"""The float32 fast paths of hardtanh and smoothstep (csrc/include/torchopt_ext/ib_alpha_fast32.h):
+closed forms in float32 that hand an element back to the double solver wherever their own
+rounding bound says a decision could go either way. Held to the float64 reference at the float32
+tolerance of test_ib_alpha_op.py, where it is hardest: on the discontinuities of alpha (where
+the minimiser jumps between candidates), a few float32 ulps either side of them."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import torch
+
+import torchopt_ext
+from torchopt_ext import activations
+from torchopt_ext.ops import ib_alpha, ib_alpha_reference
+
+pytestmark = pytest.mark.skipif(not torchopt_ext.extension_available(), reason="compiled extension not built")
+FAST = ["hardtanh", "smoothstep"]
+
+
+def _C():
+    from torchopt_ext import _C
+
+    return _C
+
+
+def redone(fn):
+    """fn's result and how many elements the fast path gave back to the double solver."""
+    _C().cpu_fast_float32_redone(True)
+    out = fn()
+    return out, _C().cpu_fast_float32_redone(True)
+
+
+def assert_float32_close(alpha, ref, b):
+    # the float32 tolerance of test_ib_alpha_op.assert_matches
+    err = (alpha.double() - ref.double()).abs()
+    bound = 2e-5 * b.double().abs() + 2e-6 * ref.double().abs() + 1e-30
+    worst = int((err / bound).argmax()) if err.numel() else 0
+    assert bool((err <= bound).all()), (float((err / bound).max()), worst)
+
+
+def reference(q, b, z, lr, wd, name):
+    return ib_alpha_reference(q.double(), b.double(), z.double(), lr, wd, activations.get(name))
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("lr", [1e-8, 1e-3, 0.03, 0.7, 50.0, 1e4])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_random_inputs_match_reference_and_rarely_fall_back(name, lr, wd):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(512, 256, generator=g) * 3
+    b = torch.randn(512, 256, generator=g)
+    z = torch.rand(512, generator=g) * 4 + 1
+    a, n = redone(lambda: ib_alpha(q, b, z, lr, wd, name))
+    assert_float32_close(a, reference(q, b, z, lr, wd, name), b)
+    # the fast path does the work: at most 1% of the elements go back to the double solver
+    assert n <= 0.01 * q.numel(), n
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_switching_the_fast_path_off_uses_the_double_solver(name):
+    g = torch.Generator().manual_seed(3)
+    q, b = torch.randn(64, 100, generator=g) * 3, torch.randn(64, 100, generator=g)
+    z = torch.rand(64, generator=g) + 1
+    was = _C().set_cpu_fast_float32(False)
+    try:
+        slow, n = redone(lambda: ib_alpha(q, b, z, 0.7, 0.01, name))
+    finally:
+        _C().set_cpu_fast_float32(was)
+    assert n == 0 and was is True
+    exact = ib_alpha(q.double(), b.double(), z.double(), 0.7, 0.01, name).float()
+    assert torch.equal(slow, exact)  # the double solver, rounded once
+    fast = ib_alpha(q, b, z, 0.7, 0.01, name)
+    assert not torch.equal(fast, exact)  # ... and the default path is another computation
+    assert_float32_close(fast, reference(q, b, z, 0.7, 0.01, name), b)
+
+
+def _jumps(name, b, z, lr, wd, lo=-4.0, hi=12.0, n=4001):
+    """q where the reference's alpha jumps (for fixed b, z, lr, wd), located to float64 precision."""
+    act = activations.get(name)
+
+    def alpha(qs):
+        qt = torch.as_tensor(qs, dtype=torch.float64).reshape(1, -1)
+        return ib_alpha_reference(qt, torch.full_like(qt, b), torch.tensor([z], dtype=torch.float64), lr, wd, act)[0]
+
+    qs = torch.linspace(lo, hi, n, dtype=torch.float64)
+    a = alpha(qs)
+    big = (a[1:] - a[:-1]).abs() > 0.05 * abs(b) + 1e-12
+    out = []
+    for i in torch.nonzero(big).flatten().tolist():
+        x0, x1 = float(qs[i]), float(qs[i + 1])
+        a0 = float(alpha([x0])[0])
+        for _ in range(60):
+            mid = 0.5 * (x0 + x1)
+            if abs(float(alpha([mid])[0]) - a0) > 0.025 * abs(b):
+                x1 = mid
+            else:
+                x0 = mid
+        out.append(0.5 * (x0 + x1))
+    return out
+
+
+def _ulps_around(x, k=12):
+    x32 = np.float32(x)
+    pts = [x32]
+    up = down = x32
+    for _ in range(k):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        pts += [up, down]
+    return np.array(pts, dtype=np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(FAST),
+    b=st.floats(0.05, 20.0).map(lambda v: float(np.float32(v))),
+    z=st.floats(1.0, 6.0).map(lambda v: float(np.float32(v))),
+    log_lr=st.floats(-2.0, 2.0),
+    wd=st.sampled_from([0.0, 0.05]),
+    neg=st.booleans(),
+)
+def test_matches_reference_on_the_jumps_of_alpha(name, b, z, log_lr, wd, neg):
+    """A float32 q within 12 ulps of each discontinuity: the fast path must pick the reference's
+    side or hand the element back; it cannot just round to whichever side is nearer."""
+    lr = 10.0**log_lr
+    sg = -1.0 if neg else 1.0
+    jumps = _jumps(name, sg * b, z, lr, wd)
+    if not jumps:
+        return
+    q = torch.from_numpy(np.concatenate([_ulps_around(x) for x in jumps])).reshape(1, -1)
+    bt = torch.full_like(q, sg * b)
+    zt = torch.tensor([z], dtype=torch.float32)
+    a = ib_alpha(q, bt, zt, lr, wd, name)
+    assert_float32_close(a, reference(q, bt, zt, lr, wd, name), bt)
+
+
+def test_exact_ties_are_handed_back_and_match():
+    """hardtanh's middle step ties with staying at q = 1 + tau*b/2 (b > 0, no decay): exactly
+    representable here, so the float32 decision cannot be certain and must go to the double solver."""
+    lr, z = 0.5, 2.0  # tau = 1
+    b = torch.tensor([[0.5, 1.0, 1.5, 2.0, 3.0]])
+    q = 1 + b / 2
+    a, n = redone(lambda: ib_alpha(q, b, torch.tensor([z]), lr, 0.0, "hardtanh"))
+    assert n == b.numel()
+    assert torch.equal(a, reference(q, b, torch.tensor([z]), lr, 0.0, "hardtanh").float())
+    assert (a == 0).all()  # ties go to the smaller |alpha|: stay
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_out_of_range_rows_and_elements_take_the_double_solver(name):
+    """Inputs outside the range the float32 bounds hold for: huge |q| or |b|, subnormal-scale b,
+    lr so large or small that tau leaves [1e-12, 1e8], non-finite values."""
+    q = torch.tensor([[2e4, -3e5, 0.5, 0.5, 0.5, float("nan"), 0.5, 1.5]])
+    b = torch.tensor([[0.3, 1.0, 2e9, 1e-25, -1e-30, 1.0, float("inf"), 0.7]])
+    z = torch.tensor([2.0])
+    for lr in (0.3, 1e-14, 1e9):
+        a, n = redone(lambda: ib_alpha(q, b, z, lr, 0.0, name))
+        r = reference(q, b, z, lr, 0.0, name)
+        finite = torch.isfinite(r)
+        assert_float32_close(a[finite], r[finite], b[finite])
+        assert torch.isnan(a[~finite]).all()
+        assert n >= (7 if 1e-12 <= lr * 2 <= 1e8 else 0)
+        if not 1e-12 <= lr * 2 <= 1e8:
+            assert n == 0  # the whole row took the double solver (not counted per element)

@@ -14,7 +14,7 @@ from torchopt_ext import activations
 from torchopt_ext.ops import ib_alpha, ib_alpha_reference
 
 pytestmark = pytest.mark.skipif(not torchopt_ext.extension_available(), reason="compiled extension not built")
-FAST = ["hardtanh", "smoothstep"]
+FAST = ["hardtanh", "smoothstep", "arctan"]
 
 
 def _C():
@@ -131,6 +131,49 @@ def test_matches_reference_on_the_jumps_of_alpha(name, b, z, log_lr, wd, neg):
     zt = torch.tensor([z], dtype=torch.float32)
     a = ib_alpha(q, bt, zt, lr, wd, name)
     assert_float32_close(a, reference(q, bt, zt, lr, wd, name), bt)
+
+
+def _lr_jumps(name, q, b, z, wd, lo=-2.0, hi=2.5, n=400):
+    """learning rates where the reference's alpha jumps (fixed float32 q, b, z), to float64 precision."""
+    act = activations.get(name)
+    qt = torch.tensor([[q]], dtype=torch.float64)
+    bt, zt = torch.full_like(qt, b), torch.tensor([z], dtype=torch.float64)
+
+    def alpha(lr):
+        return float(ib_alpha_reference(qt, bt, zt, lr, wd, act)[0, 0])
+
+    lrs = np.logspace(lo, hi, n)
+    a = np.array([alpha(v) for v in lrs])
+    out = []
+    for i in np.nonzero(np.abs(np.diff(a)) > 0.05 * abs(b))[0]:
+        x0, x1, a0 = lrs[i], lrs[i + 1], a[i]
+        for _ in range(60):
+            mid = 0.5 * (x0 + x1)
+            x0, x1 = (x0, mid) if abs(alpha(mid) - a0) > 0.025 * abs(b) else (mid, x1)
+        out.append(0.5 * (x0 + x1))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(FAST),
+    q=st.floats(0.5, 8.0).map(lambda v: float(np.float32(v))),
+    b=st.floats(0.05, 10.0).map(lambda v: float(np.float32(v))),
+    z=st.floats(1.0, 4.0).map(lambda v: float(np.float32(v))),
+    wd=st.sampled_from([0.0, 0.05]),
+)
+def test_matches_reference_on_the_jumps_of_alpha_in_lr(name, q, b, z, wd):
+    """The learning rate is a double and the fast path rounds tau = lr*z/d to float32, so near a
+    jump in lr (relative distance 1e-11 .. 1e-6) its own numbers cannot tell the sides apart: it
+    must hand those elements back. Float32 q cannot probe this: one ulp of q moves the jump's
+    deciding quantity (arctan's discriminant, say) by far more than float32 rounding. (Not at
+    the jump itself: there the double solver and the reference may round to either side.)"""
+    for lr in _lr_jumps(name, q, b, z, wd):
+        off = np.logspace(-11, -6, 11)
+        lrs = lr * (1 + np.concatenate([-off, off]))
+        qt, bt, zt = torch.tensor([[q]]), torch.tensor([[b]]), torch.tensor([z])
+        for v in lrs:
+            assert_float32_close(ib_alpha(qt, bt, zt, float(v), wd, name), reference(qt, bt, zt, float(v), wd, name), bt)
 
 
 def test_exact_ties_are_handed_back_and_match():

@@ -16,6 +16,9 @@ extern "C" {
 __attribute__((simd("notinbranch"))) double cbrt(double) noexcept;
 __attribute__((simd("notinbranch"))) double acos(double) noexcept;
 __attribute__((simd("notinbranch"))) double cos(double) noexcept;
+__attribute__((simd("notinbranch"))) float cbrtf(float) noexcept;
+__attribute__((simd("notinbranch"))) float acosf(float) noexcept;
+__attribute__((simd("notinbranch"))) float cosf(float) noexcept;
 }
 #define TOX_BRANCHLESS_CARDANO 1
 // without these two GCC sinks the libm calls of the branch-free Cardano back into branches,

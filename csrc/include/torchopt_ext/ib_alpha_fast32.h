@@ -160,12 +160,60 @@ TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
+// arctan, b >= 0: the cubic of alpha_arctan in float32 (Cardano or the trigonometric form, both
+// computed and selected, so that with libmvec's 8-lane cbrtf/acosf/cosf the loop vectorises),
+// one contraction step and two Newton steps on phi(v) = v (1 + (c - tau v)^2) - b. Certain when
+// (1) disc = h^2 + p^3 is farther from 0 than its rounding bound, so the number of real roots,
+// and with it which formula gives the root nearest 0, is known; (2) Newton has converged: the
+// second step moved v by at most tol' = 7.6e-6 relative; (3) phi's rounding (about 4 eps b)
+// moves the root by at most tol' v, i.e. phi' is not small (not near a double root).
+// |alpha| = v/d <= |b|/d, so the error stays below about 1.5e-5 |b|.
+template <typename T>
+TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
+  const T eps = m_eps<T>();
+  const T tol = T(4) * fast32_tol<T>();
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b, qs = sg * q;
+  const T tau = r.tau;
+  const T c = qs * r.inv_d;
+  const T c2 = c * c;
+  const T p3 = T(1.0 / 3.0) - c2 * T(1.0 / 9.0);
+  const T hc = c * (c2 * T(1.0 / 27.0) + T(1.0 / 3.0)), hb = T(0.5) * bb * tau;
+  const T h = hc - hb;
+  const T disc = h * h + p3 * p3 * p3;
+  // h is known to about 3 eps (|hc| + hb), p3 to 2 eps (1/3 + c^2/9)
+  const T ps = T(1.0 / 3.0) + c2 * T(1.0 / 9.0);
+  const T err_disc = eps * (T(6) * m_abs(h) * (m_abs(hc) + hb) + T(6) * p3 * p3 * ps + T(2) * (h * h + ps * ps * ps));
+  const bool one_root = disc >= T(0);
+  const T t_one = cardano_one_root(h, one_root ? disc : T(0), p3);
+  const T t_three = cardano_three_roots(one_root ? T(0) : h, one_root ? T(-1) : p3);
+  const T x = (one_root ? t_one : t_three) + c * T(2.0 / 3.0);
+  T w = c - x;
+  T v = bb / (T(1) + w * w);
+  T fp = T(1), step = T(0);
+  TOX_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    w = c - tau * v;
+    const T phi = v * (T(1) + w * w) - bb;
+    fp = T(1) + w * (c - T(3) * tau * v);
+    step = phi / fp;
+    v = v - step;
+  }
+  const bool converged = (fp > T(0)) & (m_abs(step) <= tol * v);
+  const bool well_posed = T(4) * eps * (T(1) + w * w) <= tol * fp;
+  const bool in_range = (m_abs(qs) <= T(1e4)) & (bb <= T(1e8)) & ((bb >= T(1e-20)) | (bb == T(0)));
+  const bool certain = in_range & (m_abs(disc) > T(4) * err_disc) & converged & well_posed;
+  const T a = sg * v * r.inv_d;
+  return certain ? a : T(NAN);
+}
+
 template <int64_t KIND>
-constexpr bool has_fast32() { return KIND == kHardtanh || KIND == kSmoothstep; }
+constexpr bool has_fast32() { return KIND == kHardtanh || KIND == kSmoothstep || KIND == kArctan; }
 
 template <int64_t KIND, typename T>
 TOX_HD T alpha_fast32(T q, T b, const Fast32Row<T> r) {
   if (KIND == kHardtanh) return alpha_hardtanh_fast32(q, b, r);
+  if (KIND == kArctan) return alpha_arctan_fast32(q, b, r);
   return alpha_smoothstep_fast32(q, b, r);
 }
 

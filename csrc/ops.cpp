@@ -10,6 +10,7 @@ namespace cpu {
 std::string set_isa(const std::string& isa);
 bool set_fast32(bool on);
 int64_t fast32_redone(bool reset);
+std::vector<std::string> fast32_activations();
 }
 
 // Flops of one alpha solve, counted by running the solver on FlopCounter over inputs that take
@@ -59,10 +60,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &torchopt_ext::cpu::set_isa,
         "'auto' (AVX2+FMA row loops where the CPU has them) or 'baseline'; returns the one in use");
   m.def("set_cpu_fast_float32", &torchopt_ext::cpu::set_fast32, pybind11::arg("enabled"),
-        "float32 hardtanh/smoothstep solved in float32 with a certificate (True, default) or in "
-        "double (False); returns the previous setting");
+        "float32 hardtanh/smoothstep/arctan solved in float32 with a certificate (True, default) or "
+        "in double (False); returns the previous setting");
   m.def("cpu_fast_float32_redone", &torchopt_ext::cpu::fast32_redone, pybind11::arg("reset") = false,
         "how many elements the float32 fast paths were not certain of and solved in double");
+  m.def("cpu_fast_float32_activations", &torchopt_ext::cpu::fast32_activations,
+        "the activations whose float32 input takes a fast path on this CPU now");
 #ifdef TORCHOPT_EXT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -15,6 +15,7 @@ namespace tm = ::torchopt_ext::math;
 TOX_DEFINE_ALPHA_ROWS(alpha_rows_base)
 
 bool avx2_compiled();
+bool avx2_fast32_arctan();
 
 // Which row loop runs: the AVX2+FMA build when this CPU has it, unless set_isa("baseline").
 static bool g_use_avx2 = true;
@@ -37,6 +38,14 @@ bool fast32_enabled() { return g_fast32.load(std::memory_order_relaxed); }
 void count_fast32_redone(int64_t n) { g_fast32_redone.fetch_add(n, std::memory_order_relaxed); }
 bool set_fast32(bool on) { return g_fast32.exchange(on); }
 int64_t fast32_redone(bool reset) { return reset ? g_fast32_redone.exchange(0) : g_fast32_redone.load(); }
+
+std::vector<std::string> fast32_activations() {
+  if (!fast32_enabled()) return {};
+  const bool arctan = use_avx2() ? avx2_fast32_arctan() : tm::kFast32Arctan;
+  std::vector<std::string> names{"hardtanh", "smoothstep"};
+  if (arctan) names.push_back("arctan");
+  return names;
+}
 
 std::string set_isa(const std::string& isa) {
   TORCH_CHECK(isa == "auto" || isa == "baseline", "set_cpu_isa: isa must be 'auto' or 'baseline', got '", isa, "'");

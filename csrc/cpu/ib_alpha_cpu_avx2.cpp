@@ -34,6 +34,7 @@ namespace tm = ::torchopt_ext::math_avx2;
 #ifdef TOX_HAVE_AVX2_TU
 TOX_DEFINE_ALPHA_ROWS(alpha_rows_avx2)
 bool avx2_compiled() { return true; }
+bool avx2_fast32_arctan() { return tm::kFast32Arctan; }
 #else
 template <typename scalar_t>
 void alpha_rows_avx2(int64_t, const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, int64_t, int64_t,
@@ -43,6 +44,7 @@ template void alpha_rows_avx2<float>(int64_t, const float*, const float*, const 
 template void alpha_rows_avx2<double>(int64_t, const double*, const double*, const double*, double*, int64_t,
                                       int64_t, int64_t, double, double, int64_t, const double*, const double*);
 bool avx2_compiled() { return false; }
+bool avx2_fast32_arctan() { return false; }
 #endif
 }  // namespace cpu
 }  // namespace torchopt_ext

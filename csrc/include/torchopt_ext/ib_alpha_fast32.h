@@ -207,8 +207,18 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
+// arctan's fast path pays only where cbrtf/acosf/cosf come in vectors (libmvec, see
+// csrc/cpu/ib_alpha_cpu_avx2.cpp); elsewhere its double solver stays
+#ifdef TOX_BRANCHLESS_CARDANO
+constexpr bool kFast32Arctan = true;
+#else
+constexpr bool kFast32Arctan = false;
+#endif
+
 template <int64_t KIND>
-constexpr bool has_fast32() { return KIND == kHardtanh || KIND == kSmoothstep || KIND == kArctan; }
+constexpr bool has_fast32() {
+  return KIND == kHardtanh || KIND == kSmoothstep || (KIND == kArctan && kFast32Arctan);
+}
 
 template <int64_t KIND, typename T>
 TOX_HD T alpha_fast32(T q, T b, const Fast32Row<T> r) {

@@ -52,6 +52,11 @@ TORCH_LIBRARY(torchopt_ext, m) {
   m.def(
       "ib_alpha(Tensor pre, Tensor grad_out, Tensor z_sqnorm, float lr, float weight_decay, int kind, "
       "Tensor knots, Tensor coefficients) -> Tensor");
+  // input, weight and bias gradients of an implicit linear layer (csrc/implicit_linear.cpp); an
+  // unneeded one comes back empty
+  m.def(
+      "implicit_linear_backward(Tensor x, Tensor weight, Tensor? bias, Tensor q, Tensor grad_y, float eta, "
+      "float mu, bool maximize, int kind, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -6,6 +6,7 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 import torchopt_ext.nn.alpha as alpha_mod
+import torchopt_ext.nn.functional as functional_mod
 from torchopt_ext import activations as A
 from torchopt_ext.nn import Arctan, ImplicitLinear, ImplicitRNN, Smoothstep, implicit
 from torchopt_ext.nn.activation_fns import functions
@@ -95,8 +96,36 @@ def test_reference_fallback_matches_compiled(monkeypatch):
     g = layer.weight.grad.clone()
     layer.weight.grad = None
     monkeypatch.setattr(alpha_mod, "_compiled_for", lambda device: False)
+    monkeypatch.setattr(functional_mod, "_compiled_for", lambda device: False)
     layer(x).pow(2).sum().backward()
     assert torch.allclose(layer.weight.grad, g, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["relu", "arctan", "hardtanh", "smoothstep", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_op_backward_equals_the_python_backward(act, dtype, monkeypatch):
+    """csrc/implicit_linear.cpp (the whole backward in one op) against the Python backward it
+    replaces for the built-in activations: bias or not, decay, maximize, eta = 0, 3-D input."""
+    from torchopt_ext.optim import ImplicitSGD
+
+    torch.manual_seed(1)
+    x = (torch.randn(3, 5, 6, dtype=dtype) * 2).requires_grad_()
+    for bias in (True, False):
+        for lr, wd, maximize in ((0.3, 0.0, False), (0.7, 0.05, True), (0.0, 0.1, False)):
+            layer = ImplicitLinear(6, 4, act, bias=bias).to(dtype)
+            opt = ImplicitSGD(layer.parameters(), lr=lr, weight_decay=wd, maximize=maximize)  # noqa: F841 (owns eta)
+            grads = []
+            for one_op in (True, False):
+                if not one_op:
+                    monkeypatch.setattr(functional_mod, "_one_op_backward", lambda *a: False)
+                layer.zero_grad()
+                x.grad = None
+                (layer(x) * torch.linspace(-2, 2, 4, dtype=dtype)).sum().backward()
+                grads.append([t.grad.clone() for t in (x, *layer.parameters())])
+            monkeypatch.undo()
+            tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-5}
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, **tol)
 
 
 def test_float32_and_no_bias():

@@ -24,6 +24,17 @@ from torchopt_ext import activations as _act
 from torchopt_ext.nn import hyper
 from torchopt_ext.nn.activation_fns import eb_signal, functions
 from torchopt_ext.nn.alpha import alpha as _alpha
+from torchopt_ext.ops.ib_alpha import _compiled_for
+
+_BUILTIN = (_act.KIND_RELU, _act.KIND_ARCTAN, _act.KIND_HARDTANH, _act.KIND_SMOOTHSTEP, _act.KIND_IDENTITY)
+
+
+def _one_op_backward(act: _act.Activation, x, weight, q, grad_y) -> bool:
+    """The whole backward as one compiled op (csrc/implicit_linear.cpp): built-in activations,
+    one float32/float64 dtype throughout (autocast's mixed dtypes take the Python path)."""
+    dt = weight.dtype
+    return (act.kind in _BUILTIN and dt in (torch.float32, torch.float64) and x.dtype == dt
+            and q.dtype == dt and grad_y.dtype == dt and _compiled_for(weight.device))
 
 
 class ImplicitLinearFunction(torch.autograd.Function):
@@ -41,6 +52,12 @@ class ImplicitLinearFunction(torch.autograd.Function):
         x, weight, bias, q = ctx.saved_tensors
         act, layer = ctx.act, ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if _one_op_backward(act, x, weight, q, grad_y):
+            eta, mu, maximize = hyper.resolve(layer, weight) if need_w or need_b else (0.0, 0.0, False)
+            gx, gw, gb = torch.ops.torchopt_ext.implicit_linear_backward(
+                x, weight, bias, q, grad_y, eta, mu, maximize, act.kind, need_x, need_w, need_b)
+            return (gx if need_x else None, gw if need_w else None,
+                    gb if need_b and bias is not None else None, None, None)
         n, m = weight.shape[1], weight.shape[0]
         grad_x = grad_w = grad_bias = None
         # under autocast q, grad_y (and x) may be float16/bfloat16: the gradients are formed in the

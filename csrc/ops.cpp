@@ -63,7 +63,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchopt_ext compiled kernels; the operators live in torch.ops.torchopt_ext";
   m.def("ib_alpha_flops", &torchopt_ext::ib_alpha_flops, "flops of one alpha solve, counted");
   m.def("set_cpu_isa", &torchopt_ext::cpu::set_isa,
-        "'auto' (AVX2+FMA row loops where the CPU has them) or 'baseline'; returns the one in use");
+        "the best row loop this CPU has ('auto': AVX-512, else AVX2+FMA, else baseline) or at most "
+        "'avx2' or 'baseline'; returns the one in use");
   m.def("set_cpu_fast_float32", &torchopt_ext::cpu::set_fast32, pybind11::arg("enabled"),
         "float32 hardtanh/smoothstep/arctan solved in float32 with a certificate (True, default) or "
         "in double (False); returns the previous setting");

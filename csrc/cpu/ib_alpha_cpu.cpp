@@ -16,17 +16,34 @@ TOX_DEFINE_ALPHA_ROWS(alpha_rows_base)
 
 bool avx2_compiled();
 bool avx2_fast32_arctan();
+bool avx512_compiled();
+bool avx512_fast32_arctan();
 
-// Which row loop runs: the AVX2+FMA build when this CPU has it, unless set_isa("baseline").
-static bool g_use_avx2 = true;
+enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-bool use_avx2() {
+// What this CPU and build can run: AVX-512 (F, VL, DQ, BW) over AVX2+FMA over baseline.
+static Isa best_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool cpu_has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const Isa best = [] {
+    if (avx512_compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      return Isa::kAvx512;
+    if (avx2_compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return best;
 #else
-  static const bool cpu_has = false;
+  return Isa::kBaseline;
 #endif
-  return g_use_avx2 && cpu_has && avx2_compiled();
+}
+
+// Which row loop runs: the best this CPU has, or a lower one asked for with set_isa.
+static std::atomic<Isa> g_cap{Isa::kAvx512};
+
+static Isa isa_in_use() { return std::min(best_isa(), g_cap.load(std::memory_order_relaxed)); }
+
+static const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
 }
 
 // float32 input takes the float32 fast paths (ib_alpha_fast32.h) unless switched off; the count
@@ -41,16 +58,20 @@ int64_t fast32_redone(bool reset) { return reset ? g_fast32_redone.exchange(0) :
 
 std::vector<std::string> fast32_activations() {
   if (!fast32_enabled()) return {};
-  const bool arctan = use_avx2() ? avx2_fast32_arctan() : tm::kFast32Arctan;
+  const Isa isa = isa_in_use();
+  const bool arctan = isa == Isa::kAvx512 ? avx512_fast32_arctan()
+                    : isa == Isa::kAvx2   ? avx2_fast32_arctan()
+                                          : tm::kFast32Arctan;
   std::vector<std::string> names{"hardtanh", "smoothstep"};
   if (arctan) names.push_back("arctan");
   return names;
 }
 
 std::string set_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "auto" || isa == "baseline", "set_cpu_isa: isa must be 'auto' or 'baseline', got '", isa, "'");
-  g_use_avx2 = isa == "auto";
-  return use_avx2() ? "avx2" : "baseline";
+  TORCH_CHECK(isa == "auto" || isa == "avx512" || isa == "avx2" || isa == "baseline",
+              "set_cpu_isa: isa must be 'auto', 'avx512', 'avx2' or 'baseline', got '", isa, "'");
+  g_cap = isa == "baseline" ? Isa::kBaseline : isa == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+  return isa_name(isa_in_use());
 }
 }  // namespace cpu
 
@@ -60,13 +81,16 @@ template <typename scalar_t>
 void alpha_kind(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
                 scalar_t* out, int64_t rows, int64_t m, double lr, double wd,
                 const math::RuntimePieces<double>& rp) {
-  const bool avx2 = cpu::use_avx2();
+  const auto rows_fn = [] {
+    switch (cpu::isa_in_use()) {
+      case cpu::Isa::kAvx512: return &cpu::alpha_rows_avx512<scalar_t>;
+      case cpu::Isa::kAvx2: return &cpu::alpha_rows_avx2<scalar_t>;
+      default: return &cpu::alpha_rows_base<scalar_t>;
+    }
+  }();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    if (avx2)
-      cpu::alpha_rows_avx2<scalar_t>(kind, pre, grad, zsq, out, r0, r1, m, lr, wd, rp.M, rp.knots, rp.coef);
-    else
-      cpu::alpha_rows_base<scalar_t>(kind, pre, grad, zsq, out, r0, r1, m, lr, wd, rp.M, rp.knots, rp.coef);
+    rows_fn(kind, pre, grad, zsq, out, r0, r1, m, lr, wd, rp.M, rp.knots, rp.coef);
   });
 }
 

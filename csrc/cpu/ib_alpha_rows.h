@@ -1,5 +1,5 @@
-// The row loop of the CPU ib_alpha kernel, with no torch header, so that it can be compiled once
-// for baseline x86-64 (ib_alpha_cpu.cpp) and once for AVX2+FMA (ib_alpha_cpu_avx2.cpp); the
+// The row loop of the CPU ib_alpha kernel, with no torch header, so that it can be compiled for
+// baseline x86-64 (ib_alpha_cpu.cpp), AVX2+FMA and AVX-512 (ib_alpha_cpu_avx2/avx512.cpp); the
 // caller picks one at run time. Expects namespace alias `tm` for the solver namespace.
 #pragma once
 #include <algorithm>
@@ -104,7 +104,7 @@ namespace cpu {
 // (ib_alpha_cpu.cpp)
 bool fast32_enabled();
 void count_fast32_redone(int64_t n);
-// declarations of both variants (definitions in ib_alpha_cpu.cpp and ib_alpha_cpu_avx2.cpp)
+// declarations of the variants (definitions in ib_alpha_cpu.cpp and ib_alpha_cpu_<isa>.cpp)
 template <typename scalar_t>
 void alpha_rows_base(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
                      scalar_t* out, int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,
@@ -113,5 +113,9 @@ template <typename scalar_t>
 void alpha_rows_avx2(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
                      scalar_t* out, int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,
                      const double* knots, const double* coef);
+template <typename scalar_t>
+void alpha_rows_avx512(int64_t kind, const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq,
+                       scalar_t* out, int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,
+                       const double* knots, const double* coef);
 }  // namespace cpu
 }  // namespace torchopt_ext

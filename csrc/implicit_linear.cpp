@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <memory>
 
 #include "torchopt_ext/ib_alpha_math.h"
 
@@ -71,7 +72,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> implicit_linear_backward(
   return {gx.defined() ? gx : empty(), gw.defined() ? gw : empty(), gb.defined() ? gb : empty()};
 }
 
+// sigma(q) of the built-in kinds, as torchopt_ext/nn/activation_fns.py computes it
+at::Tensor activate(int64_t kind, const at::Tensor& q) {
+  switch (kind) {
+    case math::kRelu: return at::relu(q);
+    case math::kArctan: return at::atan(q);
+    case math::kHardtanh: return at::hardtanh(q, -1.0, 1.0);
+    case math::kSmoothstep: {
+      const at::Tensor v = q.clamp(-1.0, 1.0);
+      return 1.5 * v - 0.5 * v * v * v;
+    }
+    case math::kIdentity: return q;
+    default: TORCH_CHECK(false, "implicit_linear: kind must be a built-in activation (0..4), got ", kind);
+  }
+}
+
+// How the backward learns eta, mu and maximize: a Python callable (torchopt_ext.nn.hyper) given the
+// layer's id, called at backward time, so schedulers and load_state_dict take effect as in the
+// Python path. Held for the life of the process (never destroyed: no Python call at exit).
+py::object* g_resolver = nullptr;
+
+struct ImplicitLinearFunction : public torch::autograd::Function<ImplicitLinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, int64_t kind, int64_t layer_id) {
+    const at::Tensor q = at::linear(x, weight, bias);
+    ctx->save_for_backward({x, weight, bias.has_value() ? *bias : at::Tensor(), q});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["layer"] = layer_id;
+    return activate(kind, q);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &q = saved[3];
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = bias.defined() && ctx->needs_input_grad(2);
+    double eta = 0.0, mu = 0.0;
+    bool maximize = false;
+    if (need_w || need_b) {
+      TORCH_CHECK(g_resolver != nullptr, "implicit_linear: no learning-rate resolver registered");
+      py::gil_scoped_acquire gil;
+      try {
+        const py::tuple h = (*g_resolver)(ctx->saved_data["layer"].toInt());
+        eta = h[0].cast<double>();
+        mu = h[1].cast<double>();
+        maximize = h[2].cast<bool>();
+      } catch (py::error_already_set& e) {
+        TORCH_CHECK(false, e.what());  // e.g. no ImplicitSGD manages the layer: its message, as RuntimeError
+      }
+    }
+    auto g = implicit_linear_backward(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
+                                      q, grads[0], eta, mu, maximize, kind, need_x, need_w, need_b);
+    return {need_x ? std::get<0>(g) : at::Tensor(), need_w ? std::get<1>(g) : at::Tensor(),
+            need_b ? std::get<2>(g) : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
+
+void set_hyper_resolver(py::object resolver) {
+  if (g_resolver == nullptr) g_resolver = new py::object();
+  *g_resolver = std::move(resolver);
+}
+
+at::Tensor implicit_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           int64_t kind, int64_t layer_id) {
+  return ImplicitLinearFunction::apply(x, weight, bias, kind, layer_id);
+}
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CompositeImplicitAutograd, m) {
   m.impl("implicit_linear_backward", &implicit_linear_backward);

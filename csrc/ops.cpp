@@ -12,6 +12,9 @@ bool set_fast32(bool on);
 int64_t fast32_redone(bool reset);
 std::vector<std::string> fast32_activations();
 }
+void set_hyper_resolver(py::object resolver);
+at::Tensor implicit_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           int64_t kind, int64_t layer_id);
 
 // Flops of one alpha solve, counted by running the solver on FlopCounter over inputs that take
 // every branch; returns the largest count seen.
@@ -72,6 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how many elements the float32 fast paths were not certain of and solved in double");
   m.def("cpu_fast_float32_activations", &torchopt_ext::cpu::fast32_activations,
         "the activations whose float32 input takes a fast path on this CPU now");
+  m.def("implicit_linear", &torchopt_ext::implicit_linear, "sigma(x W^T + b) with a C++ autograd node whose "
+        "backward is implicit_linear_backward, eta/mu/maximize from the registered resolver");
+  m.def("set_hyper_resolver", &torchopt_ext::set_hyper_resolver,
+        "callable(layer_id) -> (eta, mu, maximize), called by implicit_linear's backward");
 #ifdef TORCHOPT_EXT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

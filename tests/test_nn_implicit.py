@@ -103,29 +103,47 @@ def test_reference_fallback_matches_compiled(monkeypatch):
 
 @pytest.mark.parametrize("act", ["relu", "arctan", "hardtanh", "smoothstep", "identity"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_one_op_backward_equals_the_python_backward(act, dtype, monkeypatch):
-    """csrc/implicit_linear.cpp (the whole backward in one op) against the Python backward it
-    replaces for the built-in activations: bias or not, decay, maximize, eta = 0, 3-D input."""
+def test_compiled_layer_paths_equal_the_python_backward(act, dtype, monkeypatch):
+    """Three ways through ImplicitLinear for the built-in activations: the C++ autograd node
+    (_C.implicit_linear, eta from hyper.resolve_id at backward time), the Python autograd.Function
+    with its backward as one op (csrc/implicit_linear.cpp), and the Python backward they replace.
+    Same outputs and gradients: bias or not, decay, maximize, eta = 0, 3-D input."""
     from torchopt_ext.optim import ImplicitSGD
 
     torch.manual_seed(1)
     x = (torch.randn(3, 5, 6, dtype=dtype) * 2).requires_grad_()
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-5}
     for bias in (True, False):
         for lr, wd, maximize in ((0.3, 0.0, False), (0.7, 0.05, True), (0.0, 0.1, False)):
             layer = ImplicitLinear(6, 4, act, bias=bias).to(dtype)
-            opt = ImplicitSGD(layer.parameters(), lr=lr, weight_decay=wd, maximize=maximize)  # noqa: F841 (owns eta)
-            grads = []
-            for one_op in (True, False):
-                if not one_op:
+            opt = ImplicitSGD(layer.parameters(), lr=lr, weight_decay=wd, maximize=maximize)  # noqa: F841
+            results = []
+            for path in ("node", "one_op", "python"):
+                if path == "one_op":
+                    monkeypatch.setattr(functional_mod, "_compiled_node", lambda *a: False)
+                if path == "python":
                     monkeypatch.setattr(functional_mod, "_one_op_backward", lambda *a: False)
                 layer.zero_grad()
                 x.grad = None
-                (layer(x) * torch.linspace(-2, 2, 4, dtype=dtype)).sum().backward()
-                grads.append([t.grad.clone() for t in (x, *layer.parameters())])
+                y = layer(x)
+                assert (type(y.grad_fn).__name__ == "ImplicitLinearFunctionBackward") == (path != "node")
+                (y * torch.linspace(-2, 2, 4, dtype=dtype)).sum().backward()
+                results.append([y.detach()] + [t.grad.clone() for t in (x, *layer.parameters())])
             monkeypatch.undo()
-            tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-5}
-            for a, b in zip(*grads):
-                torch.testing.assert_close(a, b, **tol)
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    torch.testing.assert_close(a, b, **tol)
+
+
+def test_compiled_layer_reports_a_deleted_layer_and_an_unmanaged_one():
+    x = torch.randn(4, 3)
+    layer = ImplicitLinear(3, 2, "relu")
+    with pytest.raises(RuntimeError, match="no torchopt_ext.optim.ImplicitSGD manages"):
+        layer(x).sum().backward()
+    y = layer(x).sum()
+    del layer
+    with pytest.raises(RuntimeError, match="deleted before its backward"):
+        y.backward()
 
 
 def test_float32_and_no_bias():

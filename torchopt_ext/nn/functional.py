@@ -26,6 +26,11 @@ from torchopt_ext.nn.activation_fns import eb_signal, functions
 from torchopt_ext.nn.alpha import alpha as _alpha
 from torchopt_ext.ops.ib_alpha import _compiled_for
 
+from torchopt_ext._extension import _C
+
+if _C is not None:  # the compiled layer node asks hyper.resolve_id for eta at backward time
+    _C.set_hyper_resolver(hyper.resolve_id)
+
 _BUILTIN = (_act.KIND_RELU, _act.KIND_ARCTAN, _act.KIND_HARDTANH, _act.KIND_SMOOTHSTEP, _act.KIND_IDENTITY)
 
 
@@ -93,7 +98,18 @@ class ImplicitLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None, None
 
 
+def _compiled_node(act: _act.Activation, x: torch.Tensor, weight: torch.Tensor, layer) -> bool:
+    """Whether the layer can run as one C++ autograd node (no Python in forward or backward but
+    the eta lookup): what _one_op_backward needs, plus no autocast (its casts are the Python
+    path's) and no torch.compile tracing (it cannot look inside a pybind call)."""
+    return (getattr(layer, "_ib_id", None) is not None and _one_op_backward(act, x, weight, weight, weight)
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+
 def implicit_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     activation, layer: torch.nn.Module) -> torch.Tensor:
     """sigma(x W^T + bias) with implicit-backprop gradients; ``layer`` supplies eta and mu."""
-    return ImplicitLinearFunction.apply(x, weight, bias, _act.get(activation), layer)
+    act = _act.get(activation)
+    if _compiled_node(act, x, weight, layer):
+        return _C.implicit_linear(x, weight, bias, act.kind, layer._ib_id)
+    return ImplicitLinearFunction.apply(x, weight, bias, act, layer)

@@ -8,6 +8,7 @@ layer's weight. Nothing is cached: the group is looked up again at every backwar
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import NamedTuple, Optional
 
@@ -29,10 +30,26 @@ class Hyper(NamedTuple):
     maximize: bool
 
 
+# layer id -> layer, for the compiled layers' backward (which holds an id, not the module)
+_LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count(1)
+
+
 def mark(module: torch.nn.Module) -> None:
-    """Tag ``module``'s own parameters as implicit (their gradient already holds the decay)."""
+    """Tag ``module``'s own parameters as implicit (their gradient already holds the decay), and
+    give the module an id of its own (a deepcopy or unpickled copy gets a new one)."""
     for p in module.parameters(recurse=False):
         setattr(p, MARK, True)
+    module._ib_id = next(_NEXT_ID)
+    _LAYERS[module._ib_id] = module
+
+
+def resolve_id(layer_id: int):
+    """``resolve`` for the layer with this id, as a plain tuple (called from the compiled backward)."""
+    layer = _LAYERS.get(layer_id)
+    if layer is None:
+        raise RuntimeError("implicit layer: the layer was deleted before its backward ran")
+    return tuple(resolve(layer, layer.weight))
 
 
 def is_implicit(p: torch.Tensor) -> bool:

@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from torchopt_ext import activations as _act
+from torchopt_ext._extension import _C
 from torchopt_ext.nn import hyper
 from torchopt_ext.nn.activation_fns import eb_signal, functions
 from torchopt_ext.nn.alpha import alpha as _alpha
 from torchopt_ext.ops.ib_alpha import _compiled_for
-
-from torchopt_ext._extension import _C
 
 if _C is not None:  # the compiled layer node asks hyper.resolve_id for eta at backward time
     _C.set_hyper_resolver(hyper.resolve_id)
@@ -34,12 +33,12 @@ if _C is not None:  # the compiled layer node asks hyper.resolve_id for eta at b
 _BUILTIN = (_act.KIND_RELU, _act.KIND_ARCTAN, _act.KIND_HARDTANH, _act.KIND_SMOOTHSTEP, _act.KIND_IDENTITY)
 
 
-def _one_op_backward(act: _act.Activation, x, weight, q, grad_y) -> bool:
+def _one_op_backward(act: _act.Activation, weight, *tensors) -> bool:
     """The whole backward as one compiled op (csrc/implicit_linear.cpp): built-in activations,
     one float32/float64 dtype throughout (autocast's mixed dtypes take the Python path)."""
     dt = weight.dtype
-    return (act.kind in _BUILTIN and dt in (torch.float32, torch.float64) and x.dtype == dt
-            and q.dtype == dt and grad_y.dtype == dt and _compiled_for(weight.device))
+    return (act.kind in _BUILTIN and dt in (torch.float32, torch.float64)
+            and all(t.dtype == dt for t in tensors) and _compiled_for(weight.device))
 
 
 class ImplicitLinearFunction(torch.autograd.Function):
@@ -57,7 +56,7 @@ class ImplicitLinearFunction(torch.autograd.Function):
         x, weight, bias, q = ctx.saved_tensors
         act, layer = ctx.act, ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if _one_op_backward(act, x, weight, q, grad_y):
+        if _one_op_backward(act, weight, x, q, grad_y):
             eta, mu, maximize = hyper.resolve(layer, weight) if need_w or need_b else (0.0, 0.0, False)
             gx, gw, gb = torch.ops.torchopt_ext.implicit_linear_backward(
                 x, weight, bias, q, grad_y, eta, mu, maximize, act.kind, need_x, need_w, need_b)
@@ -102,7 +101,7 @@ def _compiled_node(act: _act.Activation, x: torch.Tensor, weight: torch.Tensor, 
     """Whether the layer can run as one C++ autograd node (no Python in forward or backward but
     the eta lookup): what _one_op_backward needs, plus no autocast (its casts are the Python
     path's) and no torch.compile tracing (it cannot look inside a pybind call)."""
-    return (getattr(layer, "_ib_id", None) is not None and _one_op_backward(act, x, weight, weight, weight)
+    return (getattr(layer, "_ib_id", None) is not None and _one_op_backward(act, weight, x)
             and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 

@@ -21,6 +21,10 @@ class ImplicitLinear(nn.Module):
     ``weight`` at backward time; an unmanaged layer uses ``lr`` / ``weight_decay`` if you set them,
     and raises otherwise.
 
+    For the built-in activations in float32/float64 the layer runs as one C++ autograd node
+    (csrc/implicit_linear.cpp) that asks for eta and mu at backward time; that node holds the
+    layer's id, not the layer, so delete a layer only after its backward has run.
+
     Each backward through the layer writes the decay term mu W/(1+eta mu) once (DESIGN.md's .grad
     convention). Calling the layer k times before one backward (weight sharing), or accumulating k
     backwards before one step, therefore adds the decay k times; use weight_decay=0 there or divide.

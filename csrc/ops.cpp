@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "torchopt_ext/flop_counter.h"
+#include "torchopt_ext/ib_alpha_fast32.h"
 #include "torchopt_ext/ib_alpha_math.h"
 
 namespace torchopt_ext {
@@ -46,6 +47,22 @@ int64_t ib_alpha_flops(int64_t kind, const at::Tensor& knots, const at::Tensor& 
   return worst;
 }
 
+// The same count for the float32 fast path of hardtanh, smoothstep or arctan (ib_alpha_fast32.h),
+// certificate included; -1 for a kind without one. Branch-free, so one input suffices.
+int64_t ib_alpha_flops_float32(int64_t kind) {
+  using math::FlopCounter;
+  const math::Fast32Row<FlopCounter> row{1.0, 0.0, 1.0, 0.3, 1.0 / 0.3, 1.0 / 0.3, true};
+  FlopCounter::count() = 0;
+  const FlopCounter q(0.4), b(0.7);
+  switch (kind) {
+    case math::kHardtanh: math::alpha_fast32<math::kHardtanh>(q, b, row); break;
+    case math::kSmoothstep: math::alpha_fast32<math::kSmoothstep>(q, b, row); break;
+    case math::kArctan: math::alpha_fast32<math::kArctan>(q, b, row); break;
+    default: return -1;
+  }
+  return FlopCounter::count();
+}
+
 }  // namespace torchopt_ext
 
 TORCH_LIBRARY(torchopt_ext, m) {
@@ -65,6 +82,8 @@ TORCH_LIBRARY(torchopt_ext, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchopt_ext compiled kernels; the operators live in torch.ops.torchopt_ext";
   m.def("ib_alpha_flops", &torchopt_ext::ib_alpha_flops, "flops of one alpha solve, counted");
+  m.def("ib_alpha_flops_float32", &torchopt_ext::ib_alpha_flops_float32,
+        "flops of one solve on the float32 fast path (-1: the kind has none), counted");
   m.def("set_cpu_isa", &torchopt_ext::cpu::set_isa,
         "the best row loop this CPU has ('auto': AVX-512, else AVX2+FMA, else baseline) or at most "
         "'avx2' or 'baseline'; returns the one in use");

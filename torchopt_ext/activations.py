@@ -30,6 +30,7 @@ class Activation:
         self.coefficients = coefficients
         self._tables: Dict[torch.device, tuple] = {}
         self._flops: Optional[int] = None
+        self._flops32: Optional[int] = -2  # -2: not counted yet
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -58,6 +59,15 @@ class Activation:
             knots, coef = self.tables("cpu")
             self._flops = int(_C.ib_alpha_flops(self.kind, knots, coef))
         return self._flops
+
+    @property
+    def flops_float32(self) -> Optional[int]:
+        """The same count for the CPU's float32 fast path (hardtanh, smoothstep, arctan: closed
+        forms in float32 with their rounding certificates), or None where there is none."""
+        if getattr(self, "_flops32", -2) == -2:  # (an activation pickled before this attribute)
+            n = int(_C.ib_alpha_flops_float32(self.kind)) if _C is not None else -1
+            self._flops32 = None if n < 0 else n
+        return self._flops32
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

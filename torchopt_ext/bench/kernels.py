@@ -43,6 +43,7 @@ def run(rows: int = 4096, m: int = 1024, dtype=torch.float32, device: str = "cpu
             "device": device,
             "threads": torch.get_num_threads(),
             "flops": act.flops,
+            "flops_float32": act.flops_float32,
             "add_ms": 1e3 * t["add"],
             "kernel_ms": 1e3 * t["kernel"],
             "kernel_over_add": t["kernel"] / t["add"],
@@ -58,13 +59,15 @@ def run(rows: int = 4096, m: int = 1024, dtype=torch.float32, device: str = "cpu
 
 
 def format_table(rows: List[Dict]) -> str:
-    head = ("| activation | flops/solve | add (ms) | ib_alpha (ms) | ib_alpha / add | ib_alpha GB/s | "
+    head = ("| activation | flops/solve (f64; f32 path) | add (ms) | ib_alpha (ms) | ib_alpha / add | ib_alpha GB/s | "
             "copy GB/s | share of copy bandwidth | reference (ms) | reference / ib_alpha |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         ref = f"{r['reference_ms']:.2f} | {r['reference_over_kernel']:.1f}x" if "reference_ms" in r else "- | -"
+        f32 = r.get("flops_float32")
+        flops = f"{r['flops']}; {f32}" if f32 is not None else f"{r['flops']}"
         lines.append(
-            f"| {r['activation']} | {r['flops']} | {r['add_ms']:.2f} | {r['kernel_ms']:.2f} | "
+            f"| {r['activation']} | {flops} | {r['add_ms']:.2f} | {r['kernel_ms']:.2f} | "
             f"{r['kernel_over_add']:.2f}x | {r['kernel_gbps']:.0f} | {r['copy_gbps']:.0f} | "
             f"{100 * r['kernel_over_copy_bandwidth']:.0f}% | {ref} |"
         )

@@ -7,7 +7,8 @@ rounds, fastest round per method, so machine noise hits all three alike):
   naive  the same implicit gradient with alpha from plain torch ops (ib_alpha_reference), as the
          paper's own code did
 The paper's flop model bounds ib's overhead over eb by (2n + c_sigma m) / (3nm), c_sigma the
-activation's counted flops per alpha solve.
+activation's counted flops per alpha solve: of the solver that runs, i.e. the float32 fast path's
+count for float32 input on a CPU that takes it (activations.Activation.flops_float32).
 """
 from __future__ import annotations
 
@@ -28,16 +29,27 @@ ACTIVATIONS = ("relu", "arctan", "hardtanh", "smoothstep", "identity")
 LR = 1e-3
 
 
-def flop_bound(n: int, m: int, activation) -> float:
+def c_sigma(activation, dtype=torch.float64, device="cpu"):
+    """Counted flops per alpha solve of the solver the kernel runs for this dtype and device."""
+    act = _act.get(activation)
+    if dtype == torch.float32 and torch.device(device).type == "cpu" and act.flops_float32 is not None:
+        from torchopt_ext import _C
+
+        if act.name in _C.cpu_fast_float32_activations():
+            return act.flops_float32
+    return act.flops
+
+
+def flop_bound(n: int, m: int, activation, dtype=torch.float64, device="cpu") -> float:
     """The paper's bound on IB's relative overhead over EB: (2n + c_sigma m) / (3nm)."""
-    c = _act.get(activation).flops
+    c = c_sigma(activation, dtype, device)
     return math.nan if c is None else (2 * n + c * m) / (3 * n * m)
 
 
-def target(n: int, activation: str) -> float:
+def target(n: int, activation: str, dtype=torch.float64, device="cpu") -> float:
     """The issue's ceiling for IB/EB at n = m: 1.25 at n = 100 (arctan: none there), otherwise
     1 + bound + 0.10 (arctan at n = 300: + 0.25)."""
-    bound = flop_bound(n, n, activation)
+    bound = flop_bound(n, n, activation, dtype, device)
     if activation == "arctan":
         return math.nan if n < 300 else 1 + bound + (0.25 if n < 1000 else 0.10)
     return 1.25 if n < 300 else 1 + bound + 0.10
@@ -134,7 +146,8 @@ def run(sizes: Sequence[int] = (100, 300, 1000, 3000), batch: int = 256,
                 "activation": act, "n": n, "m": n, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
                 "eb_s": med["eb"], "ib_s": med["ib"], "naive_s": med["naive"],
                 "ib_over_eb": med["ib"] / med["eb"], "naive_over_ib": med["naive"] / med["ib"],
-                "flop_bound": flop_bound(n, n, act), "target": target(n, act),
+                "flop_bound": flop_bound(n, n, act, dtype, device), "target": target(n, act, dtype, device),
+                "c_sigma": c_sigma(act, dtype, device),
                 "threads": torch.get_num_threads(), "device": str(device),
             })
     return rows

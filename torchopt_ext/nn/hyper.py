@@ -49,7 +49,7 @@ def resolve_id(layer_id: int):
     layer = _LAYERS.get(layer_id)
     if layer is None:
         raise RuntimeError("implicit layer: the layer was deleted before its backward ran")
-    return tuple(resolve(layer, layer.weight))
+    return resolve(layer, layer.weight)  # a NamedTuple is a tuple
 
 
 def is_implicit(p: torch.Tensor) -> bool:
@@ -82,7 +82,9 @@ def resolve(layer: torch.nn.Module, weight: torch.Tensor) -> Hyper:
     opt = owner(weight)
     if opt is not None:
         for group in opt.param_groups:
-            if any(p is weight for p in group["params"]):
+            for p in group["params"]:  # (a plain loop: any() over a generator costs a frame)
+                if p is not weight:
+                    continue
                 return Hyper(
                     _as_float(group["lr"]),
                     _as_float(group.get("weight_decay", 0.0)),

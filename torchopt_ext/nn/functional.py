@@ -31,6 +31,7 @@ if _C is not None:  # the compiled layer node asks hyper.resolve_id for eta at b
     _C.set_hyper_resolver(hyper.resolve_id)
 
 _BUILTIN = (_act.KIND_RELU, _act.KIND_ARCTAN, _act.KIND_HARDTANH, _act.KIND_SMOOTHSTEP, _act.KIND_IDENTITY)
+_NODE_DTYPES = (torch.float32, torch.float64)
 
 
 def _one_op_backward(act: _act.Activation, weight, *tensors) -> bool:
@@ -99,10 +100,17 @@ class ImplicitLinearFunction(torch.autograd.Function):
 
 def _compiled_node(act: _act.Activation, x: torch.Tensor, weight: torch.Tensor, layer) -> bool:
     """Whether the layer can run as one C++ autograd node (no Python in forward or backward but
-    the eta lookup): what _one_op_backward needs, plus no autocast (its casts are the Python
-    path's) and no torch.compile tracing (it cannot look inside a pybind call)."""
-    return (getattr(layer, "_ib_id", None) is not None and _one_op_backward(act, weight, x)
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+    the eta lookup): built-in activation, one float32/float64 dtype, the extension built for the
+    device, no autocast (its casts are the Python path's), no torch.compile tracing (it cannot
+    look inside a pybind call). Written for speed: at n = m = 100 this test is on every step."""
+    dt = weight.dtype
+    if act.kind not in _BUILTIN or x.dtype != dt or dt not in _NODE_DTYPES or _C is None:
+        return False
+    if getattr(layer, "_ib_id", None) is None or torch.compiler.is_compiling():
+        return False
+    if weight.is_cpu:
+        return not torch.is_autocast_enabled("cpu")
+    return _compiled_for(weight.device) and not torch.is_autocast_enabled(weight.device.type)
 
 
 def implicit_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

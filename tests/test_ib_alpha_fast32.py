@@ -1,4 +1,4 @@
-"""The float32 fast paths of hardtanh and smoothstep (csrc/include/torchopt_ext/ib_alpha_fast32.h):
+"""The float32 fast paths of hardtanh, smoothstep and arctan (csrc/include/torchopt_ext/ib_alpha_fast32.h):
 closed forms in float32 that hand an element back to the double solver wherever their own
 rounding bound says a decision could go either way. Held to the float64 reference at the float32
 tolerance of test_ib_alpha_op.py, where it is hardest: on the discontinuities of alpha (where

@@ -1,7 +1,7 @@
 """The compiled op held to the reference: dtypes, layouts, devices, opcheck, torch.compile and
 bad input. Tolerances: float64 near round-off (the kernel and the reference run the same
 formulas, in another order); float32 relative to |b| (the kernel computes relu/identity in
-float32, hardtanh/smoothstep in float32 with a double fallback (test_ib_alpha_fast32.py), the
+float32, hardtanh/smoothstep/arctan in float32 with a double fallback (test_ib_alpha_fast32.py), the
 other solvers in float64; the reference always in float64)."""
 import subprocess
 import sys

@@ -1,12 +1,12 @@
-// Float32 fast paths of the hardtanh and smoothstep solvers, with a certificate.
+// Float32 fast paths of the hardtanh, smoothstep and arctan solvers, each with a certificate.
 //
-// The double solvers (ib_alpha_math.h) are compute-bound on a CPU: 4 lanes per AVX2 vector and a
-// generic candidate search. For float32 input these closed forms run in float32 (8 lanes), and
-// each also bounds its own rounding error: where a decision (which candidate wins, whether the
-// middle piece's stationary point lies inside it) is closer than that bound, or where an input
+// The double solvers (ib_alpha_math.h) are compute-bound on a CPU: half the lanes of float32 and,
+// for hardtanh/smoothstep, a generic candidate search. For float32 input these closed forms run in
+// float32, and each also bounds its own rounding error: where a decision (which candidate wins,
+// how many real roots a cubic has, whether Newton has converged) is closer than that bound, or where an input
 // is outside the range the bounds were derived for, the function returns NaN ("not certain") and
 // the caller solves that element again with the double solver. A certain result makes the
-// exact minimiser's choice and is within about 2e-6 |alpha| + 1.2e-5 |b| of it (float32 inputs
+// exact minimiser's choice and is within about 2e-6 |alpha| + 1.5e-5 |b| of it (float32 inputs
 // carry 6e-8 relative rounding already); tests/test_ib_alpha_fast32.py holds it to the float64
 // reference on the discontinuities of alpha, where a wrong choice would show.
 //

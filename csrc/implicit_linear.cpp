@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 
 #include "torchopt_ext/ib_alpha_math.h"
 

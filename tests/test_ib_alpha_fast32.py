@@ -75,6 +75,19 @@ def test_switching_the_fast_path_off_uses_the_double_solver(name):
     assert_float32_close(fast, reference(q, b, z, 0.7, 0.01, name), b)
 
 
+def _bisect_jumps(grid, values, alpha_at, b):
+    """The points of ``grid`` where ``values`` (alpha along it) jump by more than 5% of |b|, each
+    bisected to float64 precision with ``alpha_at`` (alpha at one grid coordinate)."""
+    out = []
+    for i in np.nonzero(np.abs(np.diff(np.asarray(values))) > 0.05 * abs(b) + 1e-12)[0]:
+        x0, x1, a0 = float(grid[i]), float(grid[i + 1]), float(values[i])
+        for _ in range(60):
+            mid = 0.5 * (x0 + x1)
+            x0, x1 = (x0, mid) if abs(alpha_at(mid) - a0) > 0.025 * abs(b) else (mid, x1)
+        out.append(0.5 * (x0 + x1))
+    return out
+
+
 def _jumps(name, b, z, lr, wd, lo=-4.0, hi=12.0, n=4001):
     """q where the reference's alpha jumps (for fixed b, z, lr, wd), located to float64 precision."""
     act = activations.get(name)
@@ -84,20 +97,7 @@ def _jumps(name, b, z, lr, wd, lo=-4.0, hi=12.0, n=4001):
         return ib_alpha_reference(qt, torch.full_like(qt, b), torch.tensor([z], dtype=torch.float64), lr, wd, act)[0]
 
     qs = torch.linspace(lo, hi, n, dtype=torch.float64)
-    a = alpha(qs)
-    big = (a[1:] - a[:-1]).abs() > 0.05 * abs(b) + 1e-12
-    out = []
-    for i in torch.nonzero(big).flatten().tolist():
-        x0, x1 = float(qs[i]), float(qs[i + 1])
-        a0 = float(alpha([x0])[0])
-        for _ in range(60):
-            mid = 0.5 * (x0 + x1)
-            if abs(float(alpha([mid])[0]) - a0) > 0.025 * abs(b):
-                x1 = mid
-            else:
-                x0 = mid
-        out.append(0.5 * (x0 + x1))
-    return out
+    return _bisect_jumps(qs.numpy(), alpha(qs).numpy(), lambda v: float(alpha([v])[0]), b)
 
 
 def _ulps_around(x, k=12):
@@ -144,15 +144,7 @@ def _lr_jumps(name, q, b, z, wd, lo=-2.0, hi=2.5, n=400):
         return float(ib_alpha_reference(qt, bt, zt, lr, wd, act)[0, 0])
 
     lrs = np.logspace(lo, hi, n)
-    a = np.array([alpha(v) for v in lrs])
-    out = []
-    for i in np.nonzero(np.abs(np.diff(a)) > 0.05 * abs(b))[0]:
-        x0, x1, a0 = lrs[i], lrs[i + 1], a[i]
-        for _ in range(60):
-            mid = 0.5 * (x0 + x1)
-            x0, x1 = (x0, mid) if abs(alpha(mid) - a0) > 0.025 * abs(b) else (mid, x1)
-        out.append(0.5 * (x0 + x1))
-    return out
+    return _bisect_jumps(lrs, [alpha(v) for v in lrs], alpha, b)
 
 
 @settings(max_examples=30, deadline=None)

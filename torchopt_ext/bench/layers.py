@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from torchopt_ext import activations as _act
+from torchopt_ext._extension import _C
 from torchopt_ext.nn import ImplicitLinear
 from torchopt_ext.nn.activation_fns import functions
 from torchopt_ext.ops import ib_alpha_reference
@@ -32,11 +33,9 @@ LR = 1e-3
 def c_sigma(activation, dtype=torch.float64, device="cpu"):
     """Counted flops per alpha solve of the solver the kernel runs for this dtype and device."""
     act = _act.get(activation)
-    if dtype == torch.float32 and torch.device(device).type == "cpu" and act.flops_float32 is not None:
-        from torchopt_ext import _C
-
-        if act.name in _C.cpu_fast_float32_activations():
-            return act.flops_float32
+    if (dtype == torch.float32 and torch.device(device).type == "cpu" and act.flops_float32 is not None
+            and act.name in _C.cpu_fast_float32_activations()):
+        return act.flops_float32
     return act.flops
 
 

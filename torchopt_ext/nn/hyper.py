@@ -83,13 +83,12 @@ def resolve(layer: torch.nn.Module, weight: torch.Tensor) -> Hyper:
     if opt is not None:
         for group in opt.param_groups:
             for p in group["params"]:  # (a plain loop: any() over a generator costs a frame)
-                if p is not weight:
-                    continue
-                return Hyper(
-                    _as_float(group["lr"]),
-                    _as_float(group.get("weight_decay", 0.0)),
-                    bool(group.get("maximize", False)),
-                )
+                if p is weight:
+                    return Hyper(
+                        _as_float(group["lr"]),
+                        _as_float(group.get("weight_decay", 0.0)),
+                        bool(group.get("maximize", False)),
+                    )
     lr: Optional[float] = getattr(layer, "lr", None)
     if lr is not None:
         mu = getattr(layer, "weight_decay", None)

@@ -273,3 +273,24 @@ def test_autocast_bfloat16_runs_and_stays_close():
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     assert torch.allclose(layer.weight.grad, ref_w, atol=0.05 * ref_w.abs().max())
     assert torch.allclose(x.grad, ref_x, atol=0.05 * ref_x.abs().max())
+
+
+def test_compiled_layer_ops_reject_bad_arguments():
+    """The raw ops behind ImplicitLinear's compiled paths name what is wrong (the layer never
+    passes these, a direct caller might)."""
+    from torchopt_ext._extension import _C
+
+    if _C is None:
+        pytest.skip("compiled extension not built")
+    x, w = torch.randn(4, 3), torch.randn(2, 3)
+    q = x @ w.t()
+    g = torch.ones_like(q)
+    op = torch.ops.torchopt_ext.implicit_linear_backward
+    with pytest.raises(RuntimeError, match="kind must be a built-in activation"):
+        op(x, w, None, q, g, 0.1, 0.0, False, 5, True, True, True)
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        op(x, w[0], None, q, g, 0.1, 0.0, False, 0, True, True, True)
+    with pytest.raises(RuntimeError, match="kind must be a built-in activation"):
+        _C.implicit_linear(x, w, None, 9, 1)
+    with pytest.raises(TypeError):
+        _C.set_cpu_fast_float32("yes")

@@ -11,6 +11,7 @@ namespace cpu {
 std::string set_isa(const std::string& isa);
 bool set_fast32(bool on);
 int64_t fast32_redone(bool reset);
+int64_t fast32_second(bool reset);
 std::vector<std::string> fast32_activations();
 }
 void set_hyper_resolver(py::object resolver);
@@ -51,7 +52,8 @@ int64_t ib_alpha_flops(int64_t kind, const at::Tensor& knots, const at::Tensor& 
 // certificate included; -1 for a kind without one. Branch-free, so one input suffices.
 int64_t ib_alpha_flops_float32(int64_t kind) {
   using math::FlopCounter;
-  const math::Fast32Row<FlopCounter> row{1.0, 0.0, 1.0, 0.3, 1.0 / 0.3, 1.0 / 0.3, true};
+  // d = 1, tau = 0.3: {d_hi, d_lo, inv_d, tau, inv_tau, inv_ez, tau3, ok}
+  const math::Fast32Row<FlopCounter> row{1.0, 0.0, 1.0, 0.3, 1.0 / 0.3, 1.0 / 0.3, 0.9, true};
   FlopCounter::count() = 0;
   const FlopCounter q(0.4), b(0.7);
   switch (kind) {
@@ -92,6 +94,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "in double (False); returns the previous setting");
   m.def("cpu_fast_float32_redone", &torchopt_ext::cpu::fast32_redone, pybind11::arg("reset") = false,
         "how many elements the float32 fast paths were not certain of and solved in double");
+  m.def("cpu_fast_float32_second_pass", &torchopt_ext::cpu::fast32_second, pybind11::arg("reset") = false,
+        "how many elements the first float32 pass (smoothstep's and arctan's common cases) left to "
+        "the second (their general forms)");
   m.def("cpu_fast_float32_activations", &torchopt_ext::cpu::fast32_activations,
         "the activations whose float32 input takes a fast path on this CPU now");
   m.def("implicit_linear", &torchopt_ext::implicit_linear, "sigma(x W^T + b) with a C++ autograd node whose "

@@ -1,8 +1,10 @@
 """The float32 fast paths of hardtanh, smoothstep and arctan (csrc/include/torchopt_ext/ib_alpha_fast32.h):
-closed forms in float32 that hand an element back to the double solver wherever their own
-rounding bound says a decision could go either way. Held to the float64 reference at the float32
+closed forms in float32 that hand an element on (smoothstep's and arctan's common-case first
+pass to their general second pass, and either to the double solver) wherever their own rounding
+bound says a decision could go either way. Held to the float64 reference at the float32
 tolerance of test_ib_alpha_op.py, where it is hardest: on the discontinuities of alpha (where
-the minimiser jumps between candidates), a few float32 ulps either side of them."""
+the minimiser jumps between candidates), a few float32 ulps either side of them, and on the
+edges of the first pass's certificates."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -199,3 +201,75 @@ def test_out_of_range_rows_and_elements_take_the_double_solver(name):
         assert n >= (7 if 1e-12 <= lr * 2 <= 1e8 else 0)
         if not 1e-12 <= lr * 2 <= 1e8:
             assert n == 0  # the whole row took the double solver (not counted per element)
+
+
+def passes(fn):
+    """fn's result, how many elements the first pass left to the second, and how many went to
+    the double solver."""
+    _C().cpu_fast_float32_second_pass(True)
+    out, n_double = redone(fn)
+    return out, _C().cpu_fast_float32_second_pass(True), n_double
+
+
+@pytest.mark.parametrize("name", ["smoothstep", "arctan"])
+def test_first_pass_takes_small_steps_and_leaves_large_ones(name):
+    """Small steps (tau |b| << 1, the benchmark's inputs) are the first pass's: at most 1% goes
+    on. Large ones mostly go on to the second pass; both match the reference."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(256, 512, generator=g) * 2
+    b = torch.randn(256, 512, generator=g)
+    z = torch.rand(256, generator=g) * 100 + 1
+    for scale, lr, most_second in ((1e-2, 0.1, False), (1.0, 1.0, True)):
+        bs = b * scale
+        a, n2, _ = passes(lambda: ib_alpha(q, bs, z, lr, 1e-4, name))
+        assert_float32_close(a, reference(q, bs, z, lr, 1e-4, name), bs)
+        if most_second:
+            assert n2 >= 0.2 * q.numel(), n2
+        else:
+            assert n2 <= 0.01 * q.numel(), n2
+
+
+def _first_pass_edges(name):
+    """(q, b) float32 pairs on and around the edges of the first pass's certificates, for
+    tau = 1 (lr = 0.5, z = 2, no decay), each with the sign of b flipped too."""
+    qs, bs = [], []
+
+    def add(q, b):
+        q = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        qs.append(q)
+        bs.append(np.full_like(q, b))
+
+    around = lambda x: _ulps_around(x, 6).astype(np.float64)  # noqa: E731
+    if name == "smoothstep":
+        # K2 = 3 b: 1/2 (middle), 0.99 (above); e^2 = 4 K2 / 3 (above, large steps); the kinks
+        for K2 in (0.3, 0.5, 0.5 * (1 + 1e-6), 0.7, 0.99, 1.0, 1.5, 3.0, 30.0, 300.0, 3000.0):
+            b = K2 / 3
+            add(np.linspace(-1.5, 3 + 2.5 * np.sqrt(b), 3001), b)
+            add(around(-1.0), b)
+            add(around(1.0), b)
+            add(around(0.5 / K2), b)  # K2 c = 1/2
+            add(around(1 + np.sqrt(4 * K2 / 3)), b)  # e^2 = 4 K2 / 3
+            add(np.concatenate([around(x) for x in _jumps(name, b, 2.0, 0.5, 0.0, -1.5, 3 + 2.5 * np.sqrt(b))] or [[]]), b)
+    else:
+        # c^2 = 3, 3 tau b = c; three-root cases (large tau b, c > sqrt 3) next to one-root ones
+        for b in (0.01, 0.3, 0.5, 0.58, 1.0, 2.0, 5.0, 20.0):
+            add(np.linspace(-3.0, 4.0 + 3 * b, 3001), b)
+            add(around(np.sqrt(3.0)), b)
+            add(around(3 * b), b)
+            add(np.concatenate([around(x) for x in _jumps(name, b, 2.0, 0.5, 0.0, 0.0, 4.0 + 3 * b)] or [[]]), b)
+    q = np.concatenate(qs)
+    b = np.concatenate(bs)
+    return np.concatenate([q, -q]), np.concatenate([b, -b])
+
+
+@pytest.mark.parametrize("name", ["smoothstep", "arctan"])
+def test_first_pass_edges_match_reference(name):
+    """On each bound the first pass certifies itself with (and on alpha's jumps beyond them),
+    float32 ulps either side: what it keeps is right, what it leaves the second pass gets right."""
+    q, b = _first_pass_edges(name)
+    qt = torch.from_numpy(q).float().reshape(1, -1)
+    bt = torch.from_numpy(b).float().reshape(1, -1)
+    zt = torch.tensor([2.0])
+    a, n2, _ = passes(lambda: ib_alpha(qt, bt, zt, 0.5, 0.0, name))
+    assert 0 < n2 < qt.numel()  # both passes were exercised
+    assert_float32_close(a, reference(qt, bt, zt, 0.5, 0.0, name), bt)

@@ -15,9 +15,7 @@ namespace tm = ::torchopt_ext::math;
 TOX_DEFINE_ALPHA_ROWS(alpha_rows_base)
 
 bool avx2_compiled();
-bool avx2_fast32_arctan();
 bool avx512_compiled();
-bool avx512_fast32_arctan();
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
@@ -49,22 +47,19 @@ static const char* isa_name(Isa isa) {
 // float32 input takes the float32 fast paths (ib_alpha_fast32.h) unless switched off; the count
 // of elements they handed back to the double solver lets tests see that path taken
 static std::atomic<bool> g_fast32{true};
+static std::atomic<int64_t> g_fast32_second{0};
 static std::atomic<int64_t> g_fast32_redone{0};
 
 bool fast32_enabled() { return g_fast32.load(std::memory_order_relaxed); }
+void count_fast32_second(int64_t n) { g_fast32_second.fetch_add(n, std::memory_order_relaxed); }
 void count_fast32_redone(int64_t n) { g_fast32_redone.fetch_add(n, std::memory_order_relaxed); }
 bool set_fast32(bool on) { return g_fast32.exchange(on); }
 int64_t fast32_redone(bool reset) { return reset ? g_fast32_redone.exchange(0) : g_fast32_redone.load(); }
+int64_t fast32_second(bool reset) { return reset ? g_fast32_second.exchange(0) : g_fast32_second.load(); }
 
 std::vector<std::string> fast32_activations() {
   if (!fast32_enabled()) return {};
-  const Isa isa = isa_in_use();
-  const bool arctan = isa == Isa::kAvx512 ? avx512_fast32_arctan()
-                    : isa == Isa::kAvx2   ? avx2_fast32_arctan()
-                                          : tm::kFast32Arctan;
-  std::vector<std::string> names{"hardtanh", "smoothstep"};
-  if (arctan) names.push_back("arctan");
-  return names;
+  return {"hardtanh", "smoothstep", "arctan"};
 }
 
 std::string set_isa(const std::string& isa) {

@@ -38,7 +38,6 @@ namespace tm = ::torchopt_ext::TOX_MATH_NS;
 #ifdef TOX_HAVE_ISA_TU
 TOX_DEFINE_ALPHA_ROWS_EXPANDED(TOX_CAT(alpha_rows_, TOX_ISA))
 bool TOX_CAT(TOX_ISA, _compiled)() { return true; }
-bool TOX_CAT(TOX_ISA, _fast32_arctan)() { return tm::kFast32Arctan; }
 #else
 template <typename scalar_t>
 void TOX_CAT(alpha_rows_, TOX_ISA)(int64_t, const scalar_t*, const scalar_t*, const scalar_t*, scalar_t*, int64_t,
@@ -50,7 +49,6 @@ template void TOX_CAT(alpha_rows_, TOX_ISA)<double>(int64_t, const double*, cons
                                                     int64_t, int64_t, int64_t, double, double, int64_t,
                                                     const double*, const double*);
 bool TOX_CAT(TOX_ISA, _compiled)() { return false; }
-bool TOX_CAT(TOX_ISA, _fast32_arctan)() { return false; }
 #endif
 }  // namespace cpu
 }  // namespace torchopt_ext

@@ -29,14 +29,34 @@
       }                                                                                                \
     }                                                                                                  \
   }                                                                                                    \
+  static int64_t FN##_count_nan(const float* o, int64_t n) {                                           \
+    int64_t unsure = 0;                                                                                \
+    for (int64_t j = 0; j < n; ++j) unsure += o[j] != o[j];                                            \
+    return unsure;                                                                                     \
+  }                                                                                                    \
   /* float32 closed forms over a block; returns how many elements they were not certain of (NaN) */   \
   template <int64_t KIND>                                                                              \
   static int64_t FN##_fast32_block(const float* p, const float* g, float* o, int64_t n,                \
                                    const tm::Fast32Row<float> row) {                                   \
     _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) o[j] = tm::alpha_fast32<KIND, float>(p[j], g[j], row); \
-    int64_t unsure = 0;                                                                                \
-    for (int64_t j = 0; j < n; ++j) unsure += o[j] != o[j];                                            \
-    return unsure;                                                                                     \
+    return FN##_count_nan(o, n);                                                                       \
+  }                                                                                                    \
+  /* the second pass over the `unsure` elements the first left NaN: a vector pass over the block */  \
+  /* when they are many, one at a time when few; returns how many it left NaN in turn */             \
+  template <int64_t KIND>                                                                              \
+  static int64_t FN##_fast32_second(const float* p, const float* g, float* o, int64_t n,               \
+                                    const tm::Fast32Row<float> row, int64_t unsure) {                  \
+    if (8 * unsure >= n) {                                                                             \
+      _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) {                                            \
+        const float a = tm::alpha_fast32_second<KIND, float>(p[j], g[j], row);                         \
+        o[j] = o[j] != o[j] ? a : o[j];                                                                \
+      }                                                                                                \
+    } else {                                                                                           \
+      for (int64_t j = 0; j < n; ++j)                                                                  \
+        if (o[j] != o[j]) o[j] = tm::alpha_fast32_second<KIND, float>(p[j], g[j], row);                \
+    }                                                                                                  \
+    count_fast32_second(unsure);                                                                       \
+    return FN##_count_nan(o, n);                                                                       \
   }                                                                                                    \
   /* ... and the elements left NaN solved again by the double solver, and counted */                  \
   template <int64_t KIND>                                                                              \
@@ -58,8 +78,12 @@
       float* o = out + r * m;                                                                          \
       for (int64_t j0 = 0; j0 < m; j0 += kBlock) {                                                     \
         const int64_t n = std::min(kBlock, m - j0);                                                    \
-        const int64_t unsure = FN##_fast32_block<KIND>(p + j0, g + j0, o + j0, n, row);                \
+        int64_t unsure = FN##_fast32_block<KIND>(p + j0, g + j0, o + j0, n, row);                      \
         if (unsure == 0) continue;                                                                     \
+        if constexpr (tm::has_fast32_second<KIND>()) {                                                 \
+          unsure = FN##_fast32_second<KIND>(p + j0, g + j0, o + j0, n, row, unsure);                   \
+          if (unsure == 0) continue;                                                                   \
+        }                                                                                              \
         redone += unsure;                                                                              \
         for (int64_t j = j0; j < j0 + n; ++j)                                                          \
           if (o[j] != o[j])                                                                            \
@@ -100,9 +124,10 @@
 
 namespace torchopt_ext {
 namespace cpu {
-// the float32 fast paths' switch and their count of elements solved again in double
-// (ib_alpha_cpu.cpp)
+// the float32 fast paths' switch, their count of elements the first pass left to the second, and
+// of elements solved again in double (ib_alpha_cpu.cpp)
 bool fast32_enabled();
+void count_fast32_second(int64_t n);
 void count_fast32_redone(int64_t n);
 // declarations of the variants (definitions in ib_alpha_cpu.cpp and ib_alpha_cpu_<isa>.cpp)
 template <typename scalar_t>

@@ -27,6 +27,7 @@ template <typename T>
 struct Fast32Row {
   T d_hi, d_lo;  // d = d_hi + d_lo to about 2^-48
   T inv_d, tau, inv_tau, inv_ez;  // 1/d, eta*zsq/d, d/(eta*zsq), 1/(eta*zsq)
+  T tau3;                         // 3 tau
   bool ok;
 };
 
@@ -42,6 +43,7 @@ inline Fast32Row<T> fast32_row(double eta, double mu, double zsq) {
   r.tau = T(tau);
   r.inv_tau = T(d / ez);
   r.inv_ez = T(1.0 / ez);
+  r.tau3 = T(3.0 * tau);
   r.ok = tau >= 1e-12 && tau <= 1e8 && d <= 1e8;  // false for NaN too
   return r;
 }
@@ -87,7 +89,45 @@ TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
-// smoothstep, b >= 0, s(u) = 1.5u - 0.5u^3 on [-1, 1]. Candidates (u <= c, since s is
+// smoothstep, b >= 0, first pass: the common case in one closed form, no comparison of candidates.
+// With K2 = 3 tau b (= 2K below):
+//  - c <= -1: u stays (alpha = 0).
+//  - -1 < c < 1: the objective's slope is -f/tau < 0 at u = -1 and 1.5 b (1 - c^2) > 0 at c, and on
+//    the middle piece it is a concave quadratic in u, so exactly one root lies between: the middle
+//    minimum is the only candidate, tw = K2 e f / (B + sqrt(disc)) with B = 1 - K2 c and
+//    disc = (K2 - c)^2 - e f, a sum of two non-negative terms. Certain when B >= 1/2 (K2 c <= 1/2)
+//    and the rounding of K2 - c (2 eps (K2 + |c|)) moves disc by at most 16 eps relative
+//    (|K2 - c| (K2 + |c|) <= 4 disc): then tw is within about 30 float32 roundings (2e-6) of
+//    exact. Both hold whenever K2 <= 1/2 or c <= 0.
+//  - c >= 1: any u <= 1 costs G = (c - u)^2/(2 tau) - b (1 - s(u)) against staying, and with
+//    1 - s(u) = (1 - u)^2 (2 + u)/2, G >= (1 - u)^2 (1 - K2)/(2 tau) > 0 when K2 < 1, and
+//    G >= e^2/(2 tau) - 2b > 0 when e^2 > 4 tau b = 4 K2 / 3: u stays. (Margins of 1% and 0.5%
+//    cover the rounding of K2 and e^2.)
+// Anything else (large steps near or above the kink at 1) is left to the general form below.
+template <typename T>
+TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b, qs = sg * q;
+  const T c = qs * r.inv_d;
+  // c +- 1 plainly rounded (unlike the general form): alpha is continuous at both kinks, so a
+  // misplaced side, or e f off by a few eps absolutely, moves alpha by about 10 eps |b|
+  const T f = c + T(1), e = c - T(1);
+  const T K2 = r.tau3 * bb;
+  const T ef = e * f;
+  const T g = K2 - c;
+  // outside the middle disc may be negative (sqrt gives NaN): those lanes are not selected
+  const T disc = g * g - ef;
+  const T tw_m = K2 * ef / ((T(1) - K2 * c) + m_sqrt(disc));
+  const bool below = f <= T(0), middle = (f > T(0)) & (e < T(0)), above = e >= T(0);
+  const bool middle_sure = (K2 * c <= T(0.5)) & (m_abs(g) * (K2 + m_abs(c)) <= T(4) * disc);
+  const T tw = middle ? tw_m : T(0);
+  const bool certain = fast32_in_range(qs, bb) & (below | (middle & middle_sure) |
+                        (above & ((K2 <= T(0.99)) | (e * e >= T(1.34) * K2))));
+  const T a = -sg * tw * r.inv_ez;
+  return certain ? a : T(NAN);
+}
+
+// smoothstep, b >= 0, general form (what the first pass leaves), s(u) = 1.5u - 0.5u^3 on [-1, 1]. Candidates (u <= c, since s is
 // non-decreasing): stay at c (when c >= 1), u = -1, and the middle piece's local minimum, the
 // root of A w^2 + B w + C (A = -K tau, B = 1 - 2Kc, C = -1.5 b e f, K = 1.5 T) where the
 // quadratic's slope B + 2Aw = +sqrt(disc) is positive. disc = B^2 - 4AC = (2K - c)^2 - e f, a
@@ -96,10 +136,9 @@ TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
 // Costs G (objective minus its value at c) are compared as in alpha_piecewise, ties to the
 // smaller |tw|; the order stay < middle < (u = -1) is also the order of |tw|.
 template <typename T>
-TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
+TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   const T tol = fast32_tol<T>();
   const T eps = m_eps<T>();
-  const T inf = T(HUGE_VAL);
   const T sg = b < T(0) ? T(-1) : T(1);
   const T bb = sg * b, qs = sg * q;
   const T c = qs * r.inv_d;
@@ -160,7 +199,42 @@ TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
-// arctan, b >= 0: the cubic of alpha_arctan in float32 (Cardano or the trigonometric form, both
+// arctan, b >= 0, first pass: Newton on phi(v) = v (1 + (c - tau v)^2) - b from v = b/(1 + c^2)
+// (the root as tau -> 0), then a bracket as the certificate. phi(0) = -b <= 0 <= phi(b), and
+// phi'(v) = 1 + w (c - 3 tau v) with w = c - tau v is positive on [0, b] when c <= 0 (both
+// factors <= 0), when c^2 < 3 (the product is at least -c^2/3) or when 3 tau b < c (both > 0):
+// then phi has one real root, the one wanted. Certain when phi, evaluated with its rounding
+// bound, changes sign between v (1 -+ tol): the root is within tol' = 7.6e-6 of v, relative.
+// No cbrt/acos/cos, so it vectorises with any libm. Large steps (tau b beyond about 1, where two
+// Newton steps from b/(1 + c^2) are too few) and three-root cases go to the Cardano form below.
+template <typename T>
+TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
+  const T eps = m_eps<T>();
+  const T tol = T(4) * fast32_tol<T>();
+  const T sg = b < T(0) ? T(-1) : T(1);
+  const T bb = sg * b, qs = sg * q;
+  const T tau = r.tau;
+  const T c = qs * r.inv_d;
+  const T c2 = c * c;
+  const bool monotone = (c <= T(0)) | (c2 <= T(2.99)) | (T(3.03) * tau * bb <= c);
+  T v = bb / (T(1) + c2);
+  TOX_UNROLL for (int k = 0; k < 2; ++k) {
+    const T w = c - tau * v;
+    v = v - (v * (T(1) + w * w) - bb) / (T(1) + w * (c - T(3) * tau * v));
+  }
+  const T lo = v * (T(1) - tol), hi = v * (T(1) + tol);
+  const T wl = c - tau * lo, wh = c - tau * hi;
+  // phi's rounding at either end, with |w| <= A = |c| + tau v: (4 A^2 + 6 (1 + w^2)) v + b float32
+  // eps at most
+  const T A = m_abs(c) + tau * hi;
+  const T err = eps * (hi * (T(10) * A * A + T(6)) + bb);
+  const bool bracketed = (lo * (T(1) + wl * wl) - bb < -err) & (hi * (T(1) + wh * wh) - bb > err);
+  const bool certain = fast32_in_range(qs, bb) & ((bb == T(0)) | (monotone & bracketed));
+  const T a = sg * v * r.inv_d;
+  return certain ? a : T(NAN);  // (b = 0: v = 0 exactly)
+}
+
+// arctan, b >= 0, what the first pass leaves: the cubic of alpha_arctan in float32 (Cardano or the trigonometric form, both
 // computed and selected, so that with libmvec's 8-lane cbrtf/acosf/cosf the loop vectorises),
 // one contraction step, a Newton and a chord step on phi(v) = v (1 + (c - tau v)^2) - b. Certain when
 // (1) disc = h^2 + p^3 is farther from 0 than its rounding bound, so the number of real roots,
@@ -169,7 +243,7 @@ TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
 // moves the root by at most tol' v, i.e. phi' is not small (not near a double root).
 // |alpha| = v/d <= |b|/d, so the error stays below about 1.5e-5 |b|.
 template <typename T>
-TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
+TOX_HD T alpha_arctan_fast32_cardano(T q, T b, const Fast32Row<T> r) {
   const T eps = m_eps<T>();
   const T tol = T(4) * fast32_tol<T>();
   const T sg = b < T(0) ? T(-1) : T(1);
@@ -207,17 +281,24 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
-// arctan's fast path pays only where cbrtf/acosf/cosf come in vectors (libmvec, see
-// csrc/cpu/ib_alpha_cpu_avx2.cpp); elsewhere its double solver stays
+// The first pass (every float32 element): hardtanh's closed form, or smoothstep's and arctan's
+// common cases. What it leaves goes to the second pass where the kind has one, then to the double
+// solver. arctan's second pass (Cardano) pays only where cbrtf/acosf/cosf come in vectors
+// (libmvec, see csrc/cpu/ib_alpha_isa.h); elsewhere the double solver takes what the first leaves.
 #ifdef TOX_BRANCHLESS_CARDANO
-constexpr bool kFast32Arctan = true;
+constexpr bool kFast32ArctanCardano = true;
 #else
-constexpr bool kFast32Arctan = false;
+constexpr bool kFast32ArctanCardano = false;
 #endif
 
 template <int64_t KIND>
 constexpr bool has_fast32() {
-  return KIND == kHardtanh || KIND == kSmoothstep || (KIND == kArctan && kFast32Arctan);
+  return KIND == kHardtanh || KIND == kSmoothstep || KIND == kArctan;
+}
+
+template <int64_t KIND>
+constexpr bool has_fast32_second() {
+  return KIND == kSmoothstep || (KIND == kArctan && kFast32ArctanCardano);
 }
 
 template <int64_t KIND, typename T>
@@ -225,6 +306,12 @@ TOX_HD T alpha_fast32(T q, T b, const Fast32Row<T> r) {
   if (KIND == kHardtanh) return alpha_hardtanh_fast32(q, b, r);
   if (KIND == kArctan) return alpha_arctan_fast32(q, b, r);
   return alpha_smoothstep_fast32(q, b, r);
+}
+
+template <int64_t KIND, typename T>
+TOX_HD T alpha_fast32_second(T q, T b, const Fast32Row<T> r) {
+  if (KIND == kArctan) return alpha_arctan_fast32_cardano(q, b, r);
+  return alpha_smoothstep_fast32_general(q, b, r);
 }
 
 }  // namespace TOX_MATH_NS

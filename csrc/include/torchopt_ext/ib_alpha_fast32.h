@@ -199,14 +199,19 @@ TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
-// arctan, b >= 0, first pass: Newton on phi(v) = v (1 + (c - tau v)^2) - b from v = b/(1 + c^2)
-// (the root as tau -> 0), then a bracket as the certificate. phi(0) = -b <= 0 <= phi(b), and
-// phi'(v) = 1 + w (c - 3 tau v) with w = c - tau v is positive on [0, b] when c <= 0 (both
-// factors <= 0), when c^2 < 3 (the product is at least -c^2/3) or when 3 tau b < c (both > 0):
-// then phi has one real root, the one wanted. Certain when phi, evaluated with its rounding
-// bound, changes sign between v (1 -+ tol): the root is within tol' = 7.6e-6 of v, relative.
-// No cbrt/acos/cos, so it vectorises with any libm. Large steps (tau b beyond about 1, where two
-// Newton steps from b/(1 + c^2) are too few) and three-root cases go to the Cardano form below.
+// arctan, b >= 0, first pass: Newton on phi(v) = v (1 + (c - tau v)^2) - b from v0 = b/(1 + c^2)
+// (the root as tau -> 0), then a bracket as the certificate: phi, evaluated with its rounding
+// bound, changes sign between v (1 -+ tol), so a root lies within tol = 7.6e-6 of v, relative.
+// It is the root wanted, the smallest (phi(0) = -b < 0):
+//  - c <= 0: phi'(v) = 1 + w (c - 3 tau v) >= 1 (w = c - tau v; both factors <= 0): one root.
+//  - c > 0 with three roots: the smallest, r1, lies left of the local maximum, so left of the
+//    inflection 2c/(3 tau), where phi is concave. phi(v) <= v (1 + c^2) - b for tau v <= 2c, so
+//    v0 <= r1, and on a concave increasing stretch each Newton tangent lies above phi: every
+//    iterate stays in [v0, r1] (the bracket's lower end, phi < 0, is then left of r1 too). With
+//    one root the bracket decides alone. (If v0 > 2c/tau, phi < 0 up to 2c/tau, beyond the
+//    inflection: one root.)
+// No cbrt/acos/cos, so it vectorises with any libm. What two Newton steps do not settle (tau b
+// beyond about 1, or near a double root) goes to the Cardano form below.
 template <typename T>
 TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   const T eps = m_eps<T>();
@@ -215,9 +220,7 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   const T bb = sg * b, qs = sg * q;
   const T tau = r.tau;
   const T c = qs * r.inv_d;
-  const T c2 = c * c;
-  const bool monotone = (c <= T(0)) | (c2 <= T(2.99)) | (T(3.03) * tau * bb <= c);
-  T v = bb / (T(1) + c2);
+  T v = bb / (T(1) + c * c);
   TOX_UNROLL for (int k = 0; k < 2; ++k) {
     const T w = c - tau * v;
     v = v - (v * (T(1) + w * w) - bb) / (T(1) + w * (c - T(3) * tau * v));
@@ -229,7 +232,7 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   const T A = m_abs(c) + tau * hi;
   const T err = eps * (hi * (T(10) * A * A + T(6)) + bb);
   const bool bracketed = (lo * (T(1) + wl * wl) - bb < -err) & (hi * (T(1) + wh * wh) - bb > err);
-  const bool certain = fast32_in_range(qs, bb) & ((bb == T(0)) | (monotone & bracketed));
+  const bool certain = fast32_in_range(qs, bb) & ((bb == T(0)) | bracketed);
   const T a = sg * v * r.inv_d;
   return certain ? a : T(NAN);  // (b = 0: v = 0 exactly)
 }

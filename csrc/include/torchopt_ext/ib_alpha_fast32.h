@@ -95,10 +95,10 @@ TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
 //  - -1 < c < 1: the objective's slope is -f/tau < 0 at u = -1 and 1.5 b (1 - c^2) > 0 at c, and on
 //    the middle piece it is a concave quadratic in u, so exactly one root lies between: the middle
 //    minimum is the only candidate, tw = K2 e f / (B + sqrt(disc)) with B = 1 - K2 c and
-//    disc = (K2 - c)^2 - e f, a sum of two non-negative terms. Certain when B >= 1/2 (K2 c <= 1/2)
-//    and the rounding of K2 - c (2 eps (K2 + |c|)) moves disc by at most 16 eps relative
-//    (|K2 - c| (K2 + |c|) <= 4 disc): then tw is within about 30 float32 roundings (2e-6) of
-//    exact. Both hold whenever K2 <= 1/2 or c <= 0.
+//    disc = (K2 - c)^2 - e f, a sum of two non-negative terms. Certain when B >= 1/2, i.e.
+//    K2 c <= 1/2 (always so for c <= 0 or K2 <= 1/2): then |K2 - c| (K2 + |c|) <= 3 disc (the
+//    worst case is c -> 1, K2 -> 1/2), so the rounding of K2 - c moves disc by at most 12 eps
+//    relative, and tw is within about 40 float32 roundings (3e-6) of exact.
 //  - c >= 1: any u <= 1 costs G = (c - u)^2/(2 tau) - b (1 - s(u)) against staying, and with
 //    1 - s(u) = (1 - u)^2 (2 + u)/2, G >= (1 - u)^2 (1 - K2)/(2 tau) > 0 when K2 < 1, and
 //    G >= e^2/(2 tau) - 2b > 0 when e^2 > 4 tau b = 4 K2 / 3: u stays. (Margins of 1% and 0.5%
@@ -106,24 +106,26 @@ TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
 // Anything else (large steps near or above the kink at 1) is left to the general form below.
 template <typename T>
 TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
-  const T sg = b < T(0) ? T(-1) : T(1);
+  const bool neg = b < T(0);
+  const T sg = neg ? T(-1) : T(1);
   const T bb = sg * b, qs = sg * q;
   const T c = qs * r.inv_d;
   // c +- 1 plainly rounded (unlike the general form): alpha is continuous at both kinks, so a
   // misplaced side, or e f off by a few eps absolutely, moves alpha by about 10 eps |b|
   const T f = c + T(1), e = c - T(1);
   const T K2 = r.tau3 * bb;
-  const T ef = e * f;
+  const T ef = e * f, kc = K2 * c;
   const T g = K2 - c;
   // outside the middle disc may be negative (sqrt gives NaN): those lanes are not selected
-  const T disc = g * g - ef;
-  const T tw_m = K2 * ef / ((T(1) - K2 * c) + m_sqrt(disc));
-  const bool below = f <= T(0), middle = (f > T(0)) & (e < T(0)), above = e >= T(0);
-  const bool middle_sure = (K2 * c <= T(0.5)) & (m_abs(g) * (K2 + m_abs(c)) <= T(4) * disc);
-  const T tw = middle ? tw_m : T(0);
-  const bool certain = fast32_in_range(qs, bb) & (below | (middle & middle_sure) |
-                        (above & ((K2 <= T(0.99)) | (e * e >= T(1.34) * K2))));
-  const T a = -sg * tw * r.inv_ez;
+  const T tw_m = K2 * ef / ((T(1) - kc) + m_sqrt(g * g - ef));
+  const bool left = e < T(0);  // c < 1
+  const T tw = (f > T(0)) & left ? tw_m : T(0);
+  // (c <= -1 passes the middle's test too: kc <= 0 there)
+  const bool certain = fast32_in_range(qs, bb) &
+                       ((left & (kc <= T(0.5))) | (!left & ((K2 <= T(0.99)) | (e * e >= T(1.34) * K2))));
+  // alpha = -sg tw / (eta zsq), the sign picked rather than multiplied
+  const T ie = r.inv_ez, nie = -ie;
+  const T a = tw * (neg ? ie : nie);
   return certain ? a : T(NAN);
 }
 

@@ -48,8 +48,9 @@ int64_t ib_alpha_flops(int64_t kind, const at::Tensor& knots, const at::Tensor& 
   return worst;
 }
 
-// The same count for the float32 fast path of hardtanh, smoothstep or arctan (ib_alpha_fast32.h),
-// certificate included; -1 for a kind without one. Branch-free, so one input suffices.
+// The same count for the float32 fast path of hardtanh, smoothstep or arctan (ib_alpha_fast32.h;
+// its first pass, which takes the common case), certificate included; -1 for a kind without one.
+// Branch-free, so one input suffices.
 int64_t ib_alpha_flops_float32(int64_t kind) {
   using math::FlopCounter;
   // d = 1, tau = 0.3: {d_hi, d_lo, inv_d, tau, inv_tau, inv_ez, tau3, ok}

@@ -63,7 +63,8 @@ class Activation:
     @property
     def flops_float32(self) -> Optional[int]:
         """The same count for the CPU's float32 fast path (hardtanh, smoothstep, arctan: closed
-        forms in float32 with their rounding certificates), or None where there is none."""
+        forms in float32 with their rounding certificates; for smoothstep and arctan, the first
+        pass, which takes the common case of small steps), or None where there is none."""
         if getattr(self, "_flops32", -2) == -2:  # (an activation pickled before this attribute)
             n = int(_C.ib_alpha_flops_float32(self.kind)) if _C is not None else -1
             self._flops32 = None if n < 0 else n

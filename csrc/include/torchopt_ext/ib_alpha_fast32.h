@@ -5,15 +5,18 @@
 // float32, and each also bounds its own rounding error: where a decision (which candidate wins,
 // how many real roots a cubic has, whether Newton has converged) is closer than that bound, or where an input
 // is outside the range the bounds were derived for, the function returns NaN ("not certain") and
-// the caller solves that element again with the double solver. A certain result makes the
-// exact minimiser's choice and is within about 2e-6 |alpha| + 1.5e-5 |b| of it (float32 inputs
-// carry 6e-8 relative rounding already); tests/test_ib_alpha_fast32.py holds it to the float64
-// reference on the discontinuities of alpha, where a wrong choice would show.
+// the caller hands that element on. Two passes: the first (every element) takes smoothstep's and
+// arctan's common case, small steps, by a shorter route with a certificate of its own; the second
+// (the general forms) takes what the first leaves; the double solver takes what both leave.
+// A certain result makes the exact minimiser's choice and is within about 3e-6 |alpha| +
+// 1.5e-5 |b| of it (float32 inputs carry 6e-8 relative rounding already);
+// tests/test_ib_alpha_fast32.py holds it to the float64 reference on the discontinuities of alpha,
+// where a wrong choice would show, and on the edges of the first pass's certificates.
 //
 // Notation as in ib_alpha_math.h, after the flip to b >= 0 (both activations are odd):
 //   c = q/d, f = c + 1, e = c - 1, T = tau*b, and tw = u - c = tau*omega, alpha = -tw/(eta*zsq).
-// f and e are computed as (q +- d)/d with d split into two floats, so they keep full relative
-// precision where c is near -1 or 1 (the kinks), which c + 1 in float32 would not.
+// Where alpha jumps at a kink, f and e are computed as (q +- d)/d with d split into two floats,
+// so they keep full relative precision where c is near -1 or 1, which c + 1 in float32 would not.
 #pragma once
 
 #include "torchopt_ext/ib_alpha_math.h"

@@ -19,7 +19,9 @@ def add_parser(sub):
         help="kernel and layer microbenchmarks, printed as side-by-side ratios",
         description="Times the compiled kernels against same-bytes elementwise ops and their pure-PyTorch "
         "references, and implicit-backprop layers against explicit backprop, interleaved in one run so "
-        "that the ratios hold on a noisy machine. Prints markdown tables.",
+        "that the ratios hold on a noisy machine. Prints markdown tables. On Linux, running with "
+        "THP_MEM_ALLOC_ENABLE=1 in the environment (PyTorch's CPU allocator then uses transparent huge "
+        "pages) steadies the large layer cells, whose steps allocate tens of MB each.",
     )
     p.add_argument("--what", choices=["kernels", "layers", "all"], default="all",
                    help="which table to produce (default: all)")

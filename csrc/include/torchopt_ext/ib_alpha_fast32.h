@@ -74,21 +74,22 @@ template <typename T>
 TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
   // every value computed unconditionally, then selected: GCC does not vectorise a conditional
   // load of a row constant
-  const T sg = b < T(0) ? T(-1) : T(1);
+  const bool neg = b < T(0);
+  const T sg = neg ? T(-1) : T(1);
   const T bb = sg * b, qs = sg * q;
   const T f = ((qs + r.d_hi) + r.d_lo) * r.inv_d;
   const T e = ((qs - r.d_hi) - r.d_lo) * r.inv_d;
   const T t = r.tau * bb;
   const T f2 = f * f, e2 = T(2) * e, t4 = T(4) * t;
-  const T bd = b * r.inv_d, fl = sg * f * r.inv_ez;
+  const T ie = r.inv_ez, nie = -ie;
+  const T bd = b * r.inv_d, fl = f * (neg ? nie : ie);
   const bool middle_inside = t <= f;
   const T a_mid = t > e2 ? bd : T(0);
   const T a_low = f2 < t4 ? fl : T(0);
   const T a = f > T(0) ? (middle_inside ? a_mid : a_low) : T(0);
-  // (a select between two bools stops GCC vectorising; masks instead)
-  const bool near = (middle_inside & fast32_near(t, e2, t + m_abs(e2))) |
-                    (!middle_inside & fast32_near(f2, t4, f2 + t4));
-  const bool certain = fast32_in_range(qs, bb) & !near;
+  // the one comparison that decides, (t, 2e) or (f^2, 4t), picked first and tested once
+  const T x = middle_inside ? t : f2, y = middle_inside ? e2 : t4;
+  const bool certain = fast32_in_range(qs, bb) & !fast32_near(x, y, x + m_abs(y));
   return certain ? a : T(NAN);
 }
 

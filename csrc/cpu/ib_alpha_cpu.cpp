@@ -1,5 +1,5 @@
 // CPU kernel of torchopt_ext::ib_alpha: one parallel pass over (rows, m), the solver inlined;
-// the row loop is compiled twice (baseline x86-64 and AVX2+FMA) and picked at run time.
+// the row loop is compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and picked at run time.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -44,8 +44,9 @@ static const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
 }
 
-// float32 input takes the float32 fast paths (ib_alpha_fast32.h) unless switched off; the count
-// of elements they handed back to the double solver lets tests see that path taken
+// float32 input takes the float32 fast paths (ib_alpha_fast32.h) unless switched off; the counts
+// of elements the first pass handed to the second and of those handed to the double solver let
+// tests see each path taken
 static std::atomic<bool> g_fast32{true};
 static std::atomic<int64_t> g_fast32_second{0};
 static std::atomic<int64_t> g_fast32_redone{0};

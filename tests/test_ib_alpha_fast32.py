@@ -273,3 +273,10 @@ def test_first_pass_edges_match_reference(name):
     a, n2, _ = passes(lambda: ib_alpha(qt, bt, zt, 0.5, 0.0, name))
     assert 0 < n2 < qt.numel()  # both passes were exercised
     assert_float32_close(a, reference(qt, bt, zt, 0.5, 0.0, name), bt)
+
+
+def test_counters_reject_a_non_bool_reset():
+    for counter in (_C().cpu_fast_float32_second_pass, _C().cpu_fast_float32_redone):
+        with pytest.raises(TypeError):
+            counter("yes")
+    assert _C().cpu_fast_float32_second_pass(reset=False) >= 0

@@ -66,6 +66,11 @@ TOX_HD bool fast32_in_range(T qs, T bb) {
 template <typename T>
 TOX_HD bool fast32_near(T x, T y, T scale) { return m_abs(x - y) <= fast32_tol<T>() * scale; }
 
+// arctan's residual phi(v) = v (1 + w^2) - b, given w = c - tau v (its root is v = d alpha); the
+// caller forms w, which it needs for phi' too
+template <typename T>
+TOX_HD T arctan_phi(T v, T w, T bb) { return v * (T(1) + w * w) - bb; }
+
 // hardtanh, b >= 0: u* = c for c <= -1; else the middle piece's u = c - T when that is >= -1
 // (T <= f) and beats staying at c (only a question for c > 1: T > 2e); else u = -1 when that
 // beats staying (f^2 < 4T; always so for c <= 1). Ties go to staying (the smaller |alpha|).
@@ -229,7 +234,7 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   T v = bb / (T(1) + c * c);
   TOX_UNROLL for (int k = 0; k < 2; ++k) {
     const T w = c - tau * v;
-    v = v - (v * (T(1) + w * w) - bb) / (T(1) + w * (c - T(3) * tau * v));
+    v = v - arctan_phi(v, w, bb) / (T(1) + w * (c - T(3) * tau * v));
   }
   const T lo = v * (T(1) - tol), hi = v * (T(1) + tol);
   const T wl = c - tau * lo, wh = c - tau * hi;
@@ -237,7 +242,7 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   // eps at most
   const T A = m_abs(c) + tau * hi;
   const T err = eps * (hi * (T(10) * A * A + T(6)) + bb);
-  const bool bracketed = (lo * (T(1) + wl * wl) - bb < -err) & (hi * (T(1) + wh * wh) - bb > err);
+  const bool bracketed = (arctan_phi(lo, wl, bb) < -err) & (arctan_phi(hi, wh, bb) > err);
   const bool certain = fast32_in_range(qs, bb) & ((bb == T(0)) | bracketed);
   const T a = sg * v * r.inv_d;
   return certain ? a : T(NAN);  // (b = 0: v = 0 exactly)
@@ -278,14 +283,14 @@ TOX_HD T alpha_arctan_fast32_cardano(T q, T b, const Fast32Row<T> r) {
   w = c - tau * v;
   const T fp = T(1) + w * (c - T(3) * tau * v);
   const T inv_fp = T(1) / fp;
-  v = v - (v * (T(1) + w * w) - bb) * inv_fp;
+  v = v - arctan_phi(v, w, bb) * inv_fp;
   w = c - tau * v;
-  const T step = (v * (T(1) + w * w) - bb) * inv_fp;
+  const T step = arctan_phi(v, w, bb) * inv_fp;
   v = v - step;
   const bool converged = (fp > T(0)) & (m_abs(step) <= tol * v);
   const bool well_posed = T(4) * eps * (T(1) + w * w) <= tol * fp;
-  const bool in_range = (m_abs(qs) <= T(1e4)) & (bb <= T(1e8)) & ((bb >= T(1e-20)) | (bb == T(0)));
-  const bool certain = in_range & (m_abs(disc) > T(4) * err_disc) & converged & well_posed;
+  const bool certain =
+      fast32_in_range(qs, bb) & (m_abs(disc) > T(4) * err_disc) & converged & well_posed;
   const T a = sg * v * r.inv_d;
   return certain ? a : T(NAN);
 }

@@ -35,7 +35,7 @@ def _grad_step(w, loss):
 def test_newton_step_lands_on_line_search_minimiser():
     A, b, w, loss = _quadratic()
     # delta must sit far below the second difference 4 h^2 g'Ag for eq. 18 to be a Newton step
-    opt = AdaptiveLRSGD([w], lr=0.01, eps=1e-3, delta=1e-15)
+    opt = AdaptiveLRSGD([w], lr=0.01, eps=1e-3, delta=1e-15, method="newton")
     g = _grad_step(w, loss)
     opt.step(loss)
     exact = (g @ g) / (g @ A @ g)
@@ -55,7 +55,7 @@ def test_first_order_rule_moves_eta_by_meta_lr_g_dot_g_next():
 def test_momentum_on_eta_and_delta_clamp_follow_the_formulas():
     A, b, w, loss = _quadratic(seed=2)
     beta, eps, delta = 0.7, 1e-3, 1e-6
-    opt = AdaptiveLRSGD([w], lr=0.001, eps=eps, delta=delta, lr_momentum=beta)
+    opt = AdaptiveLRSGD([w], lr=0.001, eps=eps, delta=delta, lr_momentum=beta, method="newton")
     v = 0.0
     for _ in range(4):
         eta = opt.param_groups[0]["lr"]
@@ -67,7 +67,7 @@ def test_momentum_on_eta_and_delta_clamp_follow_the_formulas():
         assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12)
         assert opt.param_groups[0]["lr_velocity"] == pytest.approx(v, rel=1e-12)
     # a step that overshoots below zero is clamped to delta
-    opt2 = AdaptiveLRSGD([w], lr=0.5, eps=eps, delta=delta)  # far past the minimiser: Newton says < 0
+    opt2 = AdaptiveLRSGD([w], lr=0.5, eps=eps, delta=delta, method="newton")  # far past the minimiser: Newton says < 0
     _grad_step(w, loss)
     opt2.step(lambda: 0.5 * w @ A @ w - b @ w + 0.0 * (w @ w))
     assert opt2.param_groups[0]["lr"] >= delta
@@ -77,7 +77,7 @@ def test_momentum_on_eta_and_delta_clamp_follow_the_formulas():
 def test_non_finite_probe_loss_shrinks_eta_and_still_steps(bad):
     A, b, w, loss = _quadratic(seed=3)
     w_ref = w.detach().clone()
-    opt = AdaptiveLRSGD([w], lr=0.01, lr_momentum=0.9)
+    opt = AdaptiveLRSGD([w], lr=0.01, lr_momentum=0.9, method="newton")
     g = _grad_step(w, loss)
     calls = []
 
@@ -148,14 +148,14 @@ def test_exact_cancellation_against_sgd_with_dropout_and_batchnorm():
 
 def test_state_dict_round_trips_eta_and_its_momentum():
     A, b, w, loss = _quadratic(seed=4)
-    opt = AdaptiveLRSGD([w], lr=0.001, eps=1e-3, lr_momentum=0.9, momentum=0.5)
+    opt = AdaptiveLRSGD([w], lr=0.001, eps=1e-3, lr_momentum=0.9, momentum=0.5, method="newton")
     for _ in range(3):
         _grad_step(w, loss)
         opt.step(loss)
     sd = opt.state_dict()
     w2 = nn.Parameter(w.detach().clone())
     loss2 = lambda: 0.5 * w2 @ A @ w2 - b @ w2  # noqa: E731
-    opt2 = AdaptiveLRSGD([w2], lr=1.0)
+    opt2 = AdaptiveLRSGD([w2], lr=1.0, method="newton")
     _grad_step(w2, loss2)
     opt2.step(loss2)  # a stepped optimizer: loading must not read as an outside lr change
     w2.data.copy_(w.detach())
@@ -264,7 +264,7 @@ def test_batched_vmap_fallback_equals_closure():
 
 def test_closure_may_return_a_python_float():
     A, b, w, loss = _quadratic(seed=7)
-    opt = AdaptiveLRSGD([w], lr=0.01, eps=1e-3, delta=1e-15)
+    opt = AdaptiveLRSGD([w], lr=0.01, eps=1e-3, delta=1e-15, method="newton")
     g = _grad_step(w, loss)
     opt.step(lambda: loss().item())
     assert opt.param_groups[0]["lr"] == pytest.approx(((g @ g) / (g @ A @ g)).item(), rel=1e-6)

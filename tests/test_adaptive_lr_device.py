@@ -34,7 +34,8 @@ def _run(steps, device="cpu", on_device=None, **kw):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(momentum=0.9, weight_decay=1e-3, lr_momentum=0.5),
+    dict(momentum=0.9, weight_decay=1e-3),
+    dict(momentum=0.9, weight_decay=1e-3, lr_momentum=0.5, method="newton"),
     dict(relative_eps=True, eps=1e-2),
     dict(method="first_order", meta_lr=0.1),
 ])
@@ -56,7 +57,8 @@ def test_tensor_eta_follows_the_float_path(kw):
 
 def test_tensor_eta_state_dict_round_trip():
     net, loss = _problem()
-    opt = AdaptiveLRSGD(net.parameters(), lr=0.05, lr_momentum=0.5, momentum=0.9, lr_on_device=True)
+    opt = AdaptiveLRSGD(net.parameters(), lr=0.05, lr_momentum=0.5, momentum=0.9, lr_on_device=True,
+                        method="newton")
 
     def step(o):
         o.zero_grad()

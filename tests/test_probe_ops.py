@@ -6,6 +6,8 @@ import torch
 
 from torchopt_ext import extension_available
 from torchopt_ext.ops.probe import (
+    guarded_lr,
+    guarded_lr_reference,
     newton_lr,
     newton_lr_reference,
     probe_move_,
@@ -118,6 +120,69 @@ def test_opcheck_newton_lr():
     torch.library.opcheck(torch.ops.torchopt_ext.newton_lr.default, args)
 
 
+def _line(eta, s, c, eps, f0=1.0):
+    """The five probes f(eta + j*eps) of the quadratic line f0 + s*t + c*t^2/2 (t = offset from eta)."""
+    return torch.tensor([f0 + s * j * eps + 0.5 * c * (j * eps) ** 2 for j in (-2, -1, 0, 1, 2)], dtype=torch.float64)
+
+
+# (eta, slope, curvature, what the guarded rule must give), eps = 1e-2, growth 2, fraction 1/2
+_GUARDED_CASES = [
+    (0.3, -1.0, 4.0, 0.5 * (0.3 + 1.0 / 4.0)),  # inside the trust region: half the line's minimiser
+    (0.01, -1.0, 4.0, 0.02),  # the minimiser is far: grow by at most 2x
+    (1.0, 1.0, 0.1, 0.5),  # minimiser behind 0: shrink
+    (1.0, 3.0, 4.0, 0.5),  # minimiser 0.25, half of it 0.125: shrink by at most 2x
+    (0.4, -1.0, -3.0, 0.4),  # concave, falling: hold
+    (0.4, 1.0, -3.0, 0.2),  # concave, rising: shrink
+    (0.4, -1.0, 0.0, 0.4),  # flat curvature, falling: hold
+    (1.5e-6, 1.0, 1.0, 1e-6),  # shrinking never goes below delta
+]
+
+
+@pytest.mark.parametrize("eta, s, c, want", _GUARDED_CASES)
+def test_guarded_lr_formula(eta, s, c, want):
+    f = _line(eta, s, c, 1e-2)
+    got = guarded_lr(f, torch.tensor(eta, dtype=torch.float64), 1e-2, 1e-6)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    ref = guarded_lr_reference(f, torch.tensor(eta, dtype=torch.float64), 1e-2, 1e-6)
+    assert ref.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_guarded_lr_equals_reference_and_handles_non_finite():
+    for f in _random_losses(200):
+        for eta in (1e-6, 0.01, 0.3, 5.0):
+            e = torch.tensor(eta, dtype=torch.float64)
+            for growth, fraction in ((2.0, 0.5), (1.5, 1.0)):
+                got = guarded_lr(f, e, 1e-3, 1e-6, growth, fraction)
+                want = guarded_lr_reference(f, e, 1e-3, 1e-6, growth, fraction)
+                assert got.dtype == torch.float64 and got.dim() == 0
+                torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    e = torch.tensor(0.4, dtype=torch.float64)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        f = _line(0.4, -1.0, 4.0, 1e-2)
+        f[3] = bad
+        assert guarded_lr(f, e, 1e-2, 1e-6).item() == 0.2  # shrink by growth
+        assert guarded_lr_reference(f, e, 1e-2, 1e-6).item() == 0.2
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    assert guarded_lr(_line(0.4, -1.0, 4.0, 1e-2), nan, 1e-2, 1e-6).item() == 1e-6
+    assert guarded_lr_reference(_line(0.4, -1.0, 4.0, 1e-2), nan, 1e-2, 1e-6).item() == 1e-6
+
+
+def test_guarded_lr_errors_name_the_argument():
+    f, e = _line(0.4, -1.0, 4.0, 1e-2), torch.tensor(0.4, dtype=torch.float64)
+    for kw, name in ((dict(growth=1.0), "growth"), (dict(fraction=0.0), "fraction"), (dict(fraction=1.5), "fraction")):
+        for fn in (guarded_lr, guarded_lr_reference):
+            with pytest.raises((ValueError, RuntimeError), match=name):
+                fn(f, e, 1e-2, 1e-6, **kw)
+    with pytest.raises((ValueError, RuntimeError), match="5 probe losses"):
+        guarded_lr(f[:4], e, 1e-2, 1e-6)
+
+
+@needs_ext
+def test_opcheck_guarded_lr():
+    args = (_line(0.4, -1.0, 4.0, 1e-2), torch.tensor(0.4, dtype=torch.float64), 1e-2, 1e-6, 2.0, 0.5)
+    torch.library.opcheck(torch.ops.torchopt_ext.guarded_lr.default, args)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_equals_cpu():
@@ -136,3 +201,5 @@ def test_cuda_equals_cpu():
         want = newton_lr(f.cpu(), e, z, 1e-3, 1e-6, 0.9)
         for x, y in zip(got, want):
             torch.testing.assert_close(x.cpu(), y, rtol=1e-15, atol=0)
+        torch.testing.assert_close(guarded_lr(f, e.cuda(), 1e-3, 1e-6).cpu(), guarded_lr(f.cpu(), e, 1e-3, 1e-6),
+                                   rtol=1e-15, atol=0)

@@ -50,11 +50,20 @@ std::tuple<at::Tensor, at::Tensor> newton_lr_cpu(const at::Tensor& losses, const
   return {at::scalar_tensor(eta_next, opts), at::scalar_tensor(v_next, opts)};
 }
 
+at::Tensor guarded_lr_cpu(const at::Tensor& losses, const at::Tensor& eta, double eps, double delta, double growth,
+                          double fraction) {
+  check_guarded_lr_args(losses, eta, growth, fraction);
+  auto f = losses.to(at::kDouble).contiguous();
+  const double next = math::guarded_lr_update(f.data_ptr<double>(), eta.item<double>(), eps, delta, growth, fraction);
+  return at::scalar_tensor(next, losses.options().dtype(at::kDouble));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) {
   m.impl("probe_move_", &probe_move_cpu);
   m.impl("newton_lr", &newton_lr_cpu);
+  m.impl("guarded_lr", &guarded_lr_cpu);
 }
 
 }  // namespace torchopt_ext

@@ -36,6 +36,11 @@ __global__ void newton_lr_kernel(const double* f, const double* eta, const doubl
   torchopt_ext::math::newton_lr_update(f, *eta, *v, eps, delta, beta, eta_out, v_out);
 }
 
+__global__ void guarded_lr_kernel(const double* f, const double* eta, double eps, double delta, double growth,
+                                  double fraction, double* eta_out) {
+  *eta_out = torchopt_ext::math::guarded_lr_update(f, *eta, eps, delta, growth, fraction);
+}
+
 }  // namespace
 
 int probe_move_launch(int dtype, void* const* params, const void* const* saved, const void* const* direction,
@@ -70,6 +75,12 @@ int probe_move_launch(int dtype, void* const* params, const void* const* saved, 
 int newton_lr_launch(const double* losses, const double* eta, const double* v, double eps, double delta,
                      double beta, double* eta_out, double* v_out, void* stream) {
   newton_lr_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(losses, eta, v, eps, delta, beta, eta_out, v_out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth,
+                      double fraction, double* eta_out, void* stream) {
+  guarded_lr_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(losses, eta, eps, delta, growth, fraction, eta_out);
   return static_cast<int>(cudaGetLastError());
 }
 

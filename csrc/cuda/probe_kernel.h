@@ -18,5 +18,9 @@ int probe_move_launch(int dtype, void* const* params, const void* const* saved, 
 int newton_lr_launch(const double* losses, const double* eta, const double* v, double eps, double delta,
                      double beta, double* eta_out, double* v_out, void* stream);
 
+// One thread: *eta_out <- the guarded update of probe_math.h from 5 float64 losses.
+int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth,
+                      double fraction, double* eta_out, void* stream);
+
 }  // namespace cuda
 }  // namespace torchopt_ext

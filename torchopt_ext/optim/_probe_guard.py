@@ -1,31 +1,86 @@
-"""Keeps five loss probes from leaving a trace: random-number state, module buffers, training flags.
+"""Keeps five loss probes from leaving a trace: random-number state, module buffers, training flags,
+gradients; and runs them outside autocast.
 
 Dropout must draw one mask in all five probes (else the finite differences measure mask noise), and
 the training run must see the same random stream as without probes; batch-norm running statistics
-and ``model.training`` must come back bit for bit (probes use the batch statistics of training mode
-but may not move the running averages).
+and ``training`` flags must come back bit for bit (probes use the batch statistics of training mode
+but may not move the running averages). Without a ``model``, the modules are found as they run: a
+global forward pre-hook (torch.nn.modules.module.register_module_forward_pre_hook) records the
+buffers and flags of every module the closure calls, before that module's first probe forward.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import warnings
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _no_backward(*args, **kwargs) -> None:
+    """Stands in for torch.autograd.backward during the probes (which run under no_grad), so that a
+    torch.optim-style closure, which calls backward itself, can be probed unchanged."""
+    return None
 
 
 class ProbeGuard:
-    """``with ProbeGuard(model, devices) as g: for ...: g.rewind(); loss = closure()``."""
+    """``with ProbeGuard(model, devices, params) as g: for ...: g.rewind(); loss = closure()``.
 
-    def __init__(self, model: Optional[nn.Module], devices: Iterable[torch.device]):
+    ``params``: their ``.grad`` is detached for the probes and put back after, so a closure that
+    calls ``zero_grad`` or ``backward`` cannot touch the gradients the step is made of.
+    """
+
+    def __init__(self, model: Optional[nn.Module], devices: Iterable[torch.device], params: List[torch.Tensor],
+                 warn: Optional[Dict[str, bool]] = None):
         self.model = model
+        self.params = params
+        self.device_types = sorted({d.type for d in devices})
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+        self.warned = warn if warn is not None else {}
+
+    def _record(self, module: nn.Module) -> None:
+        """Saves the buffers and flags of ``module`` and all it contains, those not saved yet."""
+        for m in module.modules():
+            if id(m) in self.modules:
+                continue
+            self.modules[id(m)] = (m, m.training)
+            for name, b in m._buffers.items():
+                if b is not None:
+                    self.buffers.append((m, name, b, b.detach().clone()))
+
+    def _seen(self, module: nn.Module, args) -> None:
+        if id(module) not in self.modules:
+            self._record(module)
+        if not self.warned.get("autocast") and any(torch.is_autocast_enabled(t) for t in self.device_types):
+            self.warned["autocast"] = True
+            warnings.warn(
+                "AdaptiveLRSGD: the closure turns autocast on itself, so the probe losses are computed in "
+                "float16/bfloat16, whose rounding swamps the second difference the learning rate is made of. "
+                "The optimizer already runs the probes outside any autocast around step(): enter autocast "
+                "around the forward of your training step, not inside the closure.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def __enter__(self):
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = [torch.cuda.get_rng_state(i) for i in self.cuda_devices]
+        self.modules: Dict[int, tuple] = {}
+        self.buffers: list = []
         if self.model is not None:
-            self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-            self.flags = [(m, m.training) for m in self.model.modules()]
+            self._record(self.model)
+        self.hook = register_module_forward_pre_hook(self._seen)
+        self.grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        self.backward = torch.autograd.backward
+        torch.autograd.backward = _no_backward
+        self.autocast = [torch.autocast(t, enabled=False) for t in self.device_types]
+        for a in self.autocast:
+            a.__enter__()
         return self
 
     def rewind(self) -> None:
@@ -34,12 +89,29 @@ class ProbeGuard:
         for i, state in zip(self.cuda_devices, self.cuda_rng):
             torch.cuda.set_rng_state(state, i)
 
+    def check_loss(self, loss) -> None:
+        """Warns once when a probe loss itself is float16/bfloat16 (3-4 significant digits)."""
+        if isinstance(loss, torch.Tensor) and loss.dtype in _LOW_PRECISION and not self.warned.get("dtype"):
+            self.warned["dtype"] = True
+            warnings.warn(
+                f"AdaptiveLRSGD: the closure returns a {loss.dtype} loss; its rounding swamps the second "
+                "difference of the probes. Return the loss in float32 (e.g. loss.float()).",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def __exit__(self, *exc):
+        for a in reversed(self.autocast):
+            a.__exit__(None, None, None)
+        torch.autograd.backward = self.backward
+        self.hook.remove()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
         self.rewind()
-        if self.model is not None:
-            with torch.no_grad():
-                for b, saved in self.buffers:
-                    b.copy_(saved)
-            for m, flag in self.flags:
-                m.training = flag
+        with torch.no_grad():
+            for m, name, b, saved in self.buffers:
+                b.copy_(saved)
+                m._buffers[name] = b  # a module that rebinds a buffer gets its own tensor back
+        for m, flag in self.modules.values():
+            m.training = flag
         return False

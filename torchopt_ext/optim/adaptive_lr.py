@@ -1,20 +1,24 @@
 """AdaptiveLRSGD: SGD whose learning rate eta follows five loss probes along the step direction.
 
-Ravaut & Gorti's method (DESIGN.md section 3). Each ``step(closure)``:
+Ravaut & Gorti's method (DESIGN.md section 3; docs/ADAPTIVE_LR.md). Each ``step(closure)``:
 
 1. d = the SGD step direction (gradient + weight decay, through the momentum buffer as SGD does);
+   with a torch.optim-style closure (one that calls backward) the closure is called first to make
+   the gradient;
 2. the closure's loss is probed at ``w - (eta + j*h)*d``, j = -2..2 (h = eps, or eps*eta with
    ``relative_eps=True``), each probe point written from w by a fused kernel (``ops.probe_move_``)
-   into scratch storage the parameters point at meanwhile, under ``torch.no_grad`` and a
-   ``ProbeGuard`` (same dropout mask in all five, random stream, buffers and training flags restored);
+   into scratch storage the parameters point at meanwhile, under ``torch.no_grad``, outside autocast
+   and inside a ``ProbeGuard`` (same dropout mask in all five; random stream, buffers, training flags
+   and gradients restored);
 3. the parameters point at w's untouched storage again and take ``torch.optim.SGD``'s own step with
    the current eta;
 4. the next eta (written to the group's ``lr``) comes from the probe losses, on the device:
-   ``method="newton"`` eq. 16/18/19 (+ momentum on eta, eq. 20-21, when ``lr_momentum > 0``),
+   ``method="guarded"`` (default) a trust-region Newton step to half the line's minimiser,
+   ``method="newton"`` the paper's eq. 16/18/19 (+ momentum on eta, eq. 20-21),
    ``method="first_order"`` eq. 6-8 with ``f'(eta)`` as the central difference of the probes.
 
 inf/NaN probe losses: the weight step is never skipped (it is the SGD step with the eta the step
-started with); eta shrinks instead (halved, never below delta) and its momentum is reset.
+started with); eta shrinks instead (never below delta) and its momentum is reset.
 Under torch.distributed the five probe losses are averaged across ranks, so all ranks agree on eta.
 """
 from __future__ import annotations
@@ -28,10 +32,29 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
-from torchopt_ext.ops.probe import first_order_lr_reference, newton_lr, newton_lr_reference, probe_move_
+from torchopt_ext.ops.probe import (first_order_lr_reference, guarded_lr, guarded_lr_reference, newton_lr,
+                                    newton_lr_reference, probe_move_)
 from torchopt_ext.optim._probe_guard import ProbeGuard
 
 _OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # j of the probes f(eta + j*h)
+_METHODS = ("guarded", "newton", "first_order")
+
+
+def _as_loss(value, where: str) -> torch.Tensor:
+    """A closure's return value as a detached 0-dim loss: a scalar tensor, per-sample losses (1-D,
+    averaged in float64 so no digits go to a float32 reduction) or a Python number (kept in float64)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.dim() == 0:
+            return value
+        if value.dim() == 1 and value.numel() > 0:
+            return value.to(torch.float64).mean()
+        raise ValueError(f"AdaptiveLRSGD: {where} must return a scalar loss or a 1-D tensor of per-sample "
+                         f"losses, got a tensor of shape {tuple(value.shape)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"AdaptiveLRSGD: {where} must return the loss (a tensor or a float), got "
+                    f"{type(value).__name__}")
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> float:
@@ -53,17 +76,23 @@ class AdaptiveLRSGD(Optimizer):
             Default 1e-2, not the paper's 1e-5: measured in float32 on digits, at 1e-5 the second
             difference is rounding noise and below delta in 100% of steps, at 1e-2 in 0%
             (docs/ADAPTIVE_LR.md; ``python -m torchopt_ext.compare.adaptive_numerics``).
-        delta: smoothing of the Newton denominator and floor of eta (paper eq. 18-19).
-        lr_momentum: beta of the momentum on eta (eq. 20-21); 0 = plain Newton step.
-        method: "newton" or "first_order".
-        meta_lr: kappa of the first-order rule (required for ``method="first_order"``).
+        delta: floor of eta (paper eq. 19); for ``method="newton"`` also the smoothing of the Newton
+            denominator (eq. 18).
+        method: "guarded" (default): eta moves to ``fraction`` times the minimiser of the probed line's
+            quadratic model, by at most a factor ``growth`` per step, and never grows where the line
+            has no minimum (docs/ADAPTIVE_LR.md, "The guarded rule"). "newton": the paper's eq.
+            16/18/19 as written. "first_order": eq. 6-8 (needs ``meta_lr``).
+        growth: the most eta may grow or shrink in one step (guarded; > 1, default 2).
+        fraction: the share of the line's minimiser eta aims at (guarded; in (0, 1], default 0.5).
+        lr_momentum: beta of the momentum on eta (eq. 20-21) for "newton" and "first_order".
+        meta_lr: kappa of the first-order rule.
         momentum, weight_decay: as in ``torch.optim.SGD`` (dampening 0, no Nesterov).
-        model: the module the closure evaluates; when given, its buffers (batch-norm running
-            statistics) and training flags are restored after the probes. Without it the closure
-            must leave buffers alone itself.
-        relative_eps: probe at ``eta*(1 + j*eps)`` instead of ``eta + j*eps`` (see docs/ADAPTIVE_LR.md:
-            in float32 the absolute 1e-5 spacing leaves the second difference in rounding noise).
-        batched: with a ``FunctionalProbe`` closure, evaluate the five probes in one vmapped forward.
+        model: optional. Without it, every module the closure calls has its buffers (batch-norm
+            running statistics, ``num_batches_tracked``) and training flags restored after the probes
+            (found by a global forward pre-hook while probing); with it, all of ``model``'s are, also
+            those of modules the probes do not call (and those a closure switches with ``eval()``).
+        relative_eps: probe at ``eta*(1 + j*eps)`` instead of ``eta + j*eps``.
+        batched: with a ``FunctionalProbe`` closure, evaluate the five probes in one batched forward.
         lr_on_device: keep eta (``param_groups[0]["lr"]``) and its velocity as 0-dim float64 tensors
             on the parameters' device, so that a step never waits for the device (no ``.item()``).
             The weight step is then ``p -= eta*d`` with a tensor eta (what ``torch.optim.SGD``
@@ -71,12 +100,23 @@ class AdaptiveLRSGD(Optimizer):
             rounding instead of bitwise (eager SGD reads a tensor lr back to the host first).
             None (default): on for CUDA parameters, off on the CPU, where reading eta costs nothing.
 
-    ``step(closure, val_closure=None)``: run ``loss.backward()`` before, as for SGD; ``closure()``
-    recomputes the loss on the current batch at the current parameters WITHOUT calling backward
-    (it runs under no_grad) and must not touch ``.grad``. It may return per-sample losses: they are
-    averaged in float64. ``val_closure``, when given, is probed instead (paper section 5.3).
-    Returns ``f(eta)``, the probed loss at the parameters after the step.
-    ``last_probe_losses``: the five float64 losses of the last step, j = -2..2.
+    ``step(closure, val_closure=None)`` takes either kind of closure:
+
+    * a probe closure (run ``loss.backward()`` before ``step``): ``closure()`` recomputes the loss on
+      the current batch at the current parameters; ``step`` returns ``f(eta)``, the probed loss at
+      the parameters after the step;
+    * a torch.optim closure (``zero_grad``, forward, ``backward``, return the loss), with no backward
+      before ``step``: ``step`` calls it once with autograd on for the gradient, as torch's
+      optimizers do, and returns its loss. Which kind is decided at the first step, by whether any
+      parameter has a ``.grad`` then.
+
+    The probes run the closure under ``no_grad`` and outside autocast, with ``.grad`` detached and
+    ``torch.autograd.backward`` a no-op, so either kind is probed unchanged. The closure returns a
+    scalar tensor, 1-D per-sample losses (averaged in float64) or a Python number; anything else
+    raises. A closure that raises leaves parameters, gradients, buffers and eta as they were.
+    A NaN/inf probe loss shrinks eta (the weight step is still taken). ``val_closure``, when given,
+    is probed instead (paper section 5.3). ``last_probe_losses``: the five float64 losses of the
+    last step, j = -2..2.
     """
 
     def __init__(
@@ -86,11 +126,13 @@ class AdaptiveLRSGD(Optimizer):
         eps: float = 1e-2,
         delta: float = 1e-6,
         lr_momentum: float = 0.0,
-        method: str = "newton",
+        method: str = "guarded",
         meta_lr: Optional[float] = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        growth: float = 2.0,
+        fraction: float = 0.5,
         model: Optional[nn.Module] = None,
         relative_eps: bool = False,
         batched: bool = False,
@@ -100,19 +142,27 @@ class AdaptiveLRSGD(Optimizer):
         lr_momentum = _positive("lr_momentum", lr_momentum, allow_zero=True)
         if lr_momentum >= 1:
             raise ValueError(f"AdaptiveLRSGD: lr_momentum must be in [0, 1), got {lr_momentum}")
-        if method not in ("newton", "first_order"):
-            raise ValueError(f"AdaptiveLRSGD: method must be 'newton' or 'first_order', got {method!r}")
+        if method not in _METHODS:
+            raise ValueError(f"AdaptiveLRSGD: method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+        if method == "guarded" and lr_momentum:
+            raise ValueError("AdaptiveLRSGD: lr_momentum is part of the paper's rules; use it with method='newton' "
+                             "or 'first_order' (the guarded rule bounds each step instead)")
         if method == "first_order":
             if meta_lr is None:
                 raise ValueError("AdaptiveLRSGD: method='first_order' needs meta_lr (the meta learning rate kappa)")
             meta_lr = _positive("meta_lr", meta_lr)
+        growth, fraction = _positive("growth", growth), _positive("fraction", fraction)
+        if growth <= 1:
+            raise ValueError(f"AdaptiveLRSGD: growth must be > 1, got {growth}")
+        if fraction > 1:
+            raise ValueError(f"AdaptiveLRSGD: fraction must be in (0, 1], got {fraction}")
         momentum = _positive("momentum", momentum, allow_zero=True)
         weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"AdaptiveLRSGD: model must be an nn.Module or None, got {type(model).__name__}")
         defaults = dict(lr=lr, eps=eps, delta=delta, lr_momentum=lr_momentum, method=method, meta_lr=meta_lr,
                         momentum=momentum, weight_decay=weight_decay, relative_eps=bool(relative_eps),
-                        lr_velocity=0.0)
+                        growth=growth, fraction=fraction, lr_velocity=0.0)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(f"AdaptiveLRSGD: one eta drives all parameters, pass one param group, got "
@@ -121,10 +171,33 @@ class AdaptiveLRSGD(Optimizer):
         self.batched = bool(batched)
         self.lr_on_device = None if lr_on_device is None else bool(lr_on_device)
         self.last_probe_losses: Optional[torch.Tensor] = None
-        self._scratch = {}  # param -> the storage it points at during the probes; not in state_dict
+        self._torch_closure: Optional[bool] = None  # decided at the first step
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        """Caches and warning flags: rebuilt, never copied (deepcopy, pickle, load_state_dict)."""
+        self._scratch = {}  # param -> the storage it points at during the probes
         self._offsets = {}  # device -> the j of the probes as a float64 tensor
-        self._eta_set: Optional[float] = None
+        self._eta_set = None  # the lr this optimizer last wrote, to notice outside changes
         self._warned = False
+        self._warned_once = {}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(model=self.model, batched=self.batched, lr_on_device=self.lr_on_device,
+                     last_probe_losses=self.last_probe_losses, _torch_closure=self._torch_closure)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved before the guarded rule existed
+            group.setdefault("growth", 2.0)
+            group.setdefault("fraction", 0.5)
+        for name, default in (("model", None), ("batched", False), ("lr_on_device", None),
+                              ("last_probe_losses", None), ("_torch_closure", None)):
+            if not hasattr(self, name):
+                setattr(self, name, default)
+        self._init_transient()
 
     def add_param_group(self, param_group):
         if getattr(self, "param_groups", None):
@@ -167,14 +240,18 @@ class AdaptiveLRSGD(Optimizer):
             dirs.append(d)
         return dirs
 
-    def _probe(self, probe_fn: Callable, params, dirs, steps: torch.Tensor) -> torch.Tensor:
+    def _guard(self, group, params):
+        every = [p for p in group["params"]]
+        return ProbeGuard(self.model, {p.device for p in params}, every, self._warned_once)
+
+    def _probe(self, probe_fn: Callable, group, params, dirs, steps: torch.Tensor) -> torch.Tensor:
         # w never moves: during the probes each parameter points at scratch storage (swapping .data is
         # O(1)) and probe_move_ writes w - (eta + j*h)*d there; afterwards the parameter points at w's
         # own storage again, bit for bit, whatever the closure did. Saving and restoring w instead would
         # cost two more passes over the parameters.
         originals = [p.data for p in params]
         if self.batched and hasattr(probe_fn, "batched"):
-            with ProbeGuard(self.model, {p.device for p in params}):
+            with self._guard(group, params):
                 return self._probe_batched(probe_fn, params, originals, dirs, steps)
         scratch = []
         for p in params:
@@ -185,16 +262,14 @@ class AdaptiveLRSGD(Optimizer):
         try:
             for p, s in zip(params, scratch):
                 p.data = s
-            with ProbeGuard(self.model, {p.device for p in params}) as guard:
+            with self._guard(group, params) as guard:
                 fs = []
                 for k in range(5):
                     guard.rewind()
                     probe_move_(params, originals, dirs, steps[k])
                     f = probe_fn()
-                    # a Python number keeps its float64 digits (as_tensor would round it to float32)
-                    f = f.detach() if isinstance(f, torch.Tensor) else torch.tensor(float(f), dtype=torch.float64)
-                    # float64 mean: per-sample losses lose no digits to a float32 reduction
-                    fs.append(f if f.dim() == 0 else f.to(torch.float64).mean())
+                    guard.check_loss(f)
+                    fs.append(_as_loss(f, "the closure"))
         finally:
             for p, w in zip(params, originals):
                 p.data = w
@@ -239,6 +314,27 @@ class AdaptiveLRSGD(Optimizer):
                 self.state[p]["momentum_buffer"] = d.clone() if d is p.grad else d
         torch._foreach_add_(params, torch._foreach_mul(dirs, -eta))
 
+    def _next_eta(self, group, losses, eta_t, h):
+        """(eta, velocity) after this step, 0-dim float64 tensors, from the probe losses."""
+        v_t = self._eta(group["lr_velocity"], losses.device)
+        method = group["method"]
+        if method == "guarded":
+            # the compiled op takes h as a number; a tensor h (relative_eps on the device) goes through
+            # the reference, which is the same formula in torch ops
+            rule = guarded_lr if not isinstance(h, torch.Tensor) else guarded_lr_reference
+            return rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"]), torch.zeros_like(v_t)
+        if method == "newton":
+            rule = newton_lr if not isinstance(h, torch.Tensor) else newton_lr_reference
+            return rule(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
+        return first_order_lr_reference(losses, eta_t, v_t, h, group["delta"], group["meta_lr"], group["lr_momentum"])
+
+    def _gradient_from_closure(self, closure):
+        """Calls a torch.optim closure with autograd on, for the gradient; returns its loss."""
+        with torch.enable_grad():
+            loss = closure()
+        _as_loss(loss, "the closure")  # the same contract as in the probes, checked before probing
+        return loss
+
     # -- the step ------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -247,14 +343,29 @@ class AdaptiveLRSGD(Optimizer):
         if probe_fn is None:
             raise RuntimeError(
                 "AdaptiveLRSGD.step needs closure: a function that recomputes the loss on the current batch at the "
-                "current parameters without calling backward (or val_closure for a validation batch); "
-                "call loss.backward() before step() as for SGD"
+                "current parameters (or val_closure for a validation batch); call loss.backward() before step() "
+                "as for SGD, or pass torch.optim's closure (zero_grad, forward, backward, return loss)"
             )
         group = self.param_groups[0]
         self._warn_if_overridden(group)
+        if self._torch_closure is None:
+            self._torch_closure = closure is not None and all(p.grad is None for p in group["params"])
+        closure_loss = None
+        if self._torch_closure:
+            if closure is None:
+                raise RuntimeError("AdaptiveLRSGD.step: this optimizer takes torch.optim closures (they make the "
+                                   "gradient), but step got none")
+            closure_loss = self._gradient_from_closure(closure)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return None
+            made = self._torch_closure
+            self._torch_closure = None  # decide again at the next step
+            raise RuntimeError(
+                "AdaptiveLRSGD.step: no parameter has a gradient"
+                + (" even after calling the closure with autograd on" if made else "")
+                + ": call loss.backward() before step(closure), or pass a closure that calls backward itself "
+                "(torch.optim's closure contract)"
+            )
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("AdaptiveLRSGD: sparse gradients are not supported")
@@ -267,7 +378,7 @@ class AdaptiveLRSGD(Optimizer):
         if offsets is None:
             offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
         steps = offsets.mul(h).add_(eta)  # eta + j*h
-        losses = self._mean_over_ranks(self._probe(probe_fn, params, dirs, steps).to(device))
+        losses = self._mean_over_ranks(self._probe(probe_fn, group, params, dirs, steps).to(device))
         self.last_probe_losses = losses
 
         if on_device:
@@ -283,19 +394,11 @@ class AdaptiveLRSGD(Optimizer):
                     self.state[p]["momentum_buffer"] = b
 
         eta_t = eta if on_device else torch.scalar_tensor(eta, dtype=torch.float64, device=device)
-        v_t = self._eta(group["lr_velocity"], device)
-        if group["method"] == "newton":
-            # the compiled op takes h as a number; a tensor h (relative_eps on the device) goes through
-            # the reference, which is the same formula in torch ops
-            rule = newton_lr if not isinstance(h, torch.Tensor) else newton_lr_reference
-            eta_next, v_next = rule(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
-        else:
-            eta_next, v_next = first_order_lr_reference(losses, eta_t, v_t, h, group["delta"], group["meta_lr"],
-                                                        group["lr_momentum"])
+        eta_next, v_next = self._next_eta(group, losses, eta_t, h)
         if on_device:
             group["lr"], group["lr_velocity"] = eta_next, v_next
         else:
             group["lr"] = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
             group["lr_velocity"] = float(v_next)
         self._eta_set = group["lr"]
-        return losses[2]
+        return closure_loss if closure_loss is not None else losses[2]

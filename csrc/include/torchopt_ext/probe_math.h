@@ -30,5 +30,32 @@ TORCHOPT_HD inline void newton_lr_update(const double* f, double eta, double v, 
   *v_out = ok ? v_new : 0.0;
 }
 
+// The guarded rule (docs/ADAPTIVE_LR.md, "The guarded rule"). From the five probes, the slope
+// s = f'(eta) and curvature c = f''(eta) of the loss along the step direction. With c > 0 the line's
+// quadratic model has its minimum at e* = eta - s/c, and the target is fraction * e*: the middle of
+// the interval (0, 2e*) on which the model decreases, so an e* off by up to 2x still descends. A
+// model without a minimum (c <= 0, or e* <= 0) gives no target: eta holds while the line falls
+// (s <= 0) and shrinks otherwise. The result moves by at most a factor growth either way, is >= delta,
+// and a non-finite probe loss shrinks eta by growth.
+TORCHOPT_HD inline double guarded_lr_update(const double* f, double eta, double eps, double delta, double growth,
+                                            double fraction) {
+  bool finite = true;
+  for (int j = 0; j < 5; ++j) finite = finite && std::isfinite(f[j]);
+  const double s = (f[3] - f[1]) / (2.0 * eps);
+  const double c = (f[4] + f[0] - 2.0 * f[2]) / (4.0 * eps * eps);
+  const double shrink = eta / growth;
+  double target = shrink;
+  if (finite && c > 0.0) {
+    const double e_star = eta - s / c;
+    target = e_star > 0.0 ? fraction * e_star : shrink;
+  } else if (finite && !(s > 0.0)) {
+    target = eta;
+  }
+  const double hi = eta * growth;
+  double next = target < shrink ? shrink : (target > hi ? hi : target);
+  if (!(next >= delta)) next = delta;  // also catches NaN eta and a NaN target
+  return next;
+}
+
 }  // namespace math
 }  // namespace torchopt_ext

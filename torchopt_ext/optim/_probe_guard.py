@@ -6,7 +6,10 @@ the training run must see the same random stream as without probes; batch-norm r
 and ``training`` flags must come back bit for bit (probes use the batch statistics of training mode
 but may not move the running averages). Without a ``model``, the modules are found as they run: a
 global forward pre-hook (torch.nn.modules.module.register_module_forward_pre_hook) records the
-buffers and flags of every module the closure calls, before that module's first probe forward.
+buffers and flags of every module the closure calls in the first probe, before its forward. The hook
+is removed after the first probe, because a global hook sends every module call through torch's
+slow path: the five probes run one closure on one batch, so they call the same modules, except in
+models whose route depends on the weights (mixture-of-experts), which should pass ``model``.
 """
 from __future__ import annotations
 
@@ -52,8 +55,9 @@ class ProbeGuard:
                     self.buffers.append((m, name, b, b.detach().clone()))
 
     def _seen(self, module: nn.Module, args) -> None:
-        if id(module) not in self.modules:
-            self._record(module)
+        if id(module) in self.modules:
+            return
+        self._record(module)
         if not self.warned.get("autocast") and any(torch.is_autocast_enabled(t) for t in self.device_types):
             self.warned["autocast"] = True
             warnings.warn(
@@ -78,9 +82,11 @@ class ProbeGuard:
             p.grad = None
         self.backward = torch.autograd.backward
         torch.autograd.backward = _no_backward
-        self.autocast = [torch.autocast(t, enabled=False) for t in self.device_types]
-        for a in self.autocast:
-            a.__enter__()
+        # switched off directly, not by entering torch.autocast(enabled=False): most steps run without
+        # autocast, and then this costs two flag reads instead of two context managers
+        self.autocast_on = [t for t in self.device_types if torch.is_autocast_enabled(t)]
+        for t in self.autocast_on:
+            torch.set_autocast_enabled(t, False)
         return self
 
     def rewind(self) -> None:
@@ -88,6 +94,12 @@ class ProbeGuard:
         torch.set_rng_state(self.cpu_rng)
         for i, state in zip(self.cuda_devices, self.cuda_rng):
             torch.cuda.set_rng_state(state, i)
+
+    def first_probe_done(self) -> None:
+        """Stops watching module calls (see the module docstring)."""
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
     def check_loss(self, loss) -> None:
         """Warns once when a probe loss itself is float16/bfloat16 (3-4 significant digits)."""
@@ -101,10 +113,10 @@ class ProbeGuard:
             )
 
     def __exit__(self, *exc):
-        for a in reversed(self.autocast):
-            a.__exit__(None, None, None)
+        for t in self.autocast_on:
+            torch.set_autocast_enabled(t, True)
         torch.autograd.backward = self.backward
-        self.hook.remove()
+        self.first_probe_done()
         for p, g in zip(self.params, self.grads):
             p.grad = g
         self.rewind()

@@ -89,8 +89,9 @@ class AdaptiveLRSGD(Optimizer):
         momentum, weight_decay: as in ``torch.optim.SGD`` (dampening 0, no Nesterov).
         model: optional. Without it, every module the closure calls has its buffers (batch-norm
             running statistics, ``num_batches_tracked``) and training flags restored after the probes
-            (found by a global forward pre-hook while probing); with it, all of ``model``'s are, also
-            those of modules the probes do not call (and those a closure switches with ``eval()``).
+            (found by a global forward pre-hook during the first probe); with it, all of ``model``'s
+            are, also those of modules only later probes call (a route that depends on the weights)
+            and those a closure switches with ``eval()``.
         relative_eps: probe at ``eta*(1 + j*eps)`` instead of ``eta + j*eps``.
         batched: with a ``FunctionalProbe`` closure, evaluate the five probes in one batched forward.
         lr_on_device: keep eta (``param_groups[0]["lr"]``) and its velocity as 0-dim float64 tensors
@@ -268,7 +269,9 @@ class AdaptiveLRSGD(Optimizer):
                     guard.rewind()
                     probe_move_(params, originals, dirs, steps[k])
                     f = probe_fn()
-                    guard.check_loss(f)
+                    if k == 0:
+                        guard.first_probe_done()
+                        guard.check_loss(f)
                     fs.append(_as_loss(f, "the closure"))
         finally:
             for p, w in zip(params, originals):

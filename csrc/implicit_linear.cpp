@@ -43,8 +43,14 @@ void row_sqnorm_rows(const scalar_t* x, scalar_t* out, int64_t r0, int64_t r1, i
   }
 }
 
+// A tensor whose memory the loop below may read: dense CPU data and nothing in front of it. A tracing
+// wrapper (FakeTensor, FunctionalTensor, vmap's BatchedTensor) reports the CPU too but has no data.
+bool plain_cpu(const at::Tensor& t) {
+  return (t.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView) == c10::DispatchKeySet(c10::DispatchKey::CPU);
+}
+
 at::Tensor row_sqnorm(const at::Tensor& x2) {
-  if (!x2.is_cpu() || !x2.is_contiguous()) return at::linalg_vecdot(x2, x2);
+  if (!plain_cpu(x2) || !x2.is_contiguous()) return at::linalg_vecdot(x2, x2);
   at::Tensor out = at::empty({x2.size(0)}, x2.options());
   const int64_t n = x2.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));

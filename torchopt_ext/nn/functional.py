@@ -7,6 +7,11 @@ z = [x, 1]:
 so that SGD's theta - eta * grad is exactly the implicit step. eta and mu are read from the owning
 optimizer's param group when the backward runs (see hyper.py).
 
+Under torch.compile the layer is ``_TracedImplicitLinearFunction``: its backward is the opaque op
+torchopt_ext::implicit_linear_layer_backward, which holds the layer's id and calls
+``hyper.resolve_id`` when the compiled backward runs, so a scheduler's new lr (float or tensor)
+reaches it without a recompile and without the optimizer lookup inside the traced graph.
+
 Scaling of b (alpha is nonlinear in b, so it matters): b is the loss's gradient as given. With a
 mean-reduced loss over B samples each sample's b carries 1/B. Under DistributedDataParallel with R
 ranks each rank solves its own samples with b_i = (1/B_rank) dl_i/dy and DDP then averages the
@@ -15,7 +20,7 @@ the single-process step on the mean over all R*B_rank samples (tests/test_ddp_im
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,47 +60,104 @@ class ImplicitLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, q = ctx.saved_tensors
-        act, layer = ctx.act, ctx.layer
+        layer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if _one_op_backward(act, weight, x, q, grad_y):
-            eta, mu, maximize = hyper.resolve(layer, weight) if need_w or need_b else (0.0, 0.0, False)
-            gx, gw, gb = torch.ops.torchopt_ext.implicit_linear_backward(
-                x, weight, bias, q, grad_y, eta, mu, maximize, act.kind, need_x, need_w, need_b)
-            return (gx if need_x else None, gw if need_w else None,
-                    gb if need_b and bias is not None else None, None, None)
-        n, m = weight.shape[1], weight.shape[0]
-        grad_x = grad_w = grad_bias = None
-        # under autocast q, grad_y (and x) may be float16/bfloat16: the gradients are formed in the
-        # weight's dtype (autograd casts grad_x back to x's dtype)
-        wdt = weight.dtype
-        if need_x:
-            grad_x = eb_signal(act, grad_y, q).to(wdt) @ weight
-        if need_w or need_b:
-            eta, mu, maximize = hyper.resolve(layer, weight)
-            x2 = x.reshape(-1, n).to(wdt)
-            q2 = q.reshape(-1, m).to(wdt)
-            b2 = grad_y.reshape(-1, m).to(wdt)
-            if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
-                b2 = -b2
-            # ||z||^2 with the bias's trailing 1
-            z_sqnorm = None
-            if act.kind != _act.KIND_IDENTITY:  # identity's alpha does not depend on ||z||^2
-                z_sqnorm = torch.linalg.vecdot(x2, x2)
-                if bias is not None:
-                    z_sqnorm += 1.0
-            a = _alpha(q2, b2, z_sqnorm, eta, mu, act)
-            shrink = mu / (1.0 + eta * mu)  # the decay part of theta/(1+eta mu), written as a gradient
-            if maximize:
-                a = -a
-            if need_w:
-                # one addmm writes sum_i alpha_i x_i^T plus the signed decay term
-                grad_w = (torch.addmm(weight, a.t(), x2, beta=-shrink if maximize else shrink)
-                          if shrink else a.t() @ x2)
-            if need_b and bias is not None:
-                grad_bias = a.sum(0)
-                if shrink:
-                    grad_bias = grad_bias.add_(bias, alpha=-shrink if maximize else shrink)
-        return grad_x, grad_w, grad_bias, None, None
+        gx, gw, gb = _grads(x, weight, bias, q, grad_y, ctx.act, lambda: hyper.resolve(layer, weight),
+                            need_x, need_w, need_b)
+        return gx, gw, gb, None, None
+
+
+def _grads(x, weight, bias, q, grad_y, act: _act.Activation, hyper_now: Callable[[], hyper.Hyper],
+           need_x: bool, need_w: bool, need_b: bool):
+    """(input, weight, bias) gradients, None where not needed; ``hyper_now()`` gives eta, mu and
+    maximize and is called only when a weight or bias gradient is needed."""
+    if _one_op_backward(act, weight, x, q, grad_y):
+        eta, mu, maximize = hyper_now() if need_w or need_b else (0.0, 0.0, False)
+        gx, gw, gb = torch.ops.torchopt_ext.implicit_linear_backward(
+            x, weight, bias, q, grad_y, eta, mu, maximize, act.kind, need_x, need_w, need_b)
+        return (gx if need_x else None, gw if need_w else None,
+                gb if need_b and bias is not None else None)
+    n, m = weight.shape[1], weight.shape[0]
+    grad_x = grad_w = grad_bias = None
+    # under autocast q, grad_y (and x) may be float16/bfloat16: the gradients are formed in the
+    # weight's dtype (autograd casts grad_x back to x's dtype)
+    wdt = weight.dtype
+    if need_x:
+        grad_x = eb_signal(act, grad_y, q).to(wdt) @ weight
+    if need_w or need_b:
+        eta, mu, maximize = hyper_now()
+        x2 = x.reshape(-1, n).to(wdt)
+        q2 = q.reshape(-1, m).to(wdt)
+        b2 = grad_y.reshape(-1, m).to(wdt)
+        if maximize:  # maximizing L is minimizing -L: solve with -b, hand the optimizer -grad
+            b2 = -b2
+        # ||z||^2 with the bias's trailing 1
+        z_sqnorm = None
+        if act.kind != _act.KIND_IDENTITY:  # identity's alpha does not depend on ||z||^2
+            z_sqnorm = torch.linalg.vecdot(x2, x2)
+            if bias is not None:
+                z_sqnorm += 1.0
+        a = _alpha(q2, b2, z_sqnorm, eta, mu, act)
+        shrink = mu / (1.0 + eta * mu)  # the decay part of theta/(1+eta mu), written as a gradient
+        if maximize:
+            a = -a
+        if need_w:
+            # one addmm writes sum_i alpha_i x_i^T plus the signed decay term
+            grad_w = (torch.addmm(weight, a.t(), x2, beta=-shrink if maximize else shrink)
+                      if shrink else a.t() @ x2)
+        if need_b and bias is not None:
+            grad_bias = a.sum(0)
+            if shrink:
+                grad_bias = grad_bias.add_(bias, alpha=-shrink if maximize else shrink)
+    return grad_x, grad_w, grad_bias
+
+
+_BY_KIND = {_act.get(name).kind: _act.get(name) for name in _act.NAMES}
+
+
+@torch.library.custom_op("torchopt_ext::implicit_linear_layer_backward", mutates_args=())
+def _layer_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    q: torch.Tensor, grad_y: torch.Tensor, kind: int, layer_id: int, need_x: bool,
+                    need_w: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of the layer with id ``layer_id`` (a built-in activation ``kind``), eta and mu
+    read from its optimizer now; an unneeded gradient comes back empty. Opaque to torch.compile,
+    so the lookup happens when the compiled backward runs, not when it is traced."""
+    gx, gw, gb = _grads(x, weight, bias, q, grad_y, _BY_KIND[kind], lambda: hyper.resolve_id(layer_id),
+                        need_x, need_w, need_b)
+    # outputs must be fresh, contiguous tensors to match the fake kernel
+    empty = weight.new_empty(0)
+    return (empty if gx is None else gx.contiguous(), empty.clone() if gw is None else gw.contiguous(),
+            empty.clone() if gb is None else gb.contiguous())
+
+
+@_layer_backward.register_fake
+def _layer_backward_fake(x, weight, bias, q, grad_y, kind, layer_id, need_x, need_w, need_b):
+    torch._check(q.shape == grad_y.shape)
+    gx = weight.new_empty(x.shape) if need_x else weight.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
+    gb = weight.new_empty(bias.shape) if need_b and bias is not None else weight.new_empty(0)
+    return gx, gw, gb
+
+
+class _TracedImplicitLinearFunction(torch.autograd.Function):
+    """``ImplicitLinearFunction`` for torch.compile: the layer travels as its id and the backward
+    is one opaque op (no module or optimizer lookup inside the traced region)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kind: int, layer_id: int):
+        q = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, q)
+        ctx.kind, ctx.layer_id = kind, layer_id
+        return functions(_BY_KIND[kind])[0](q)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, q = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        gx, gw, gb = torch.ops.torchopt_ext.implicit_linear_layer_backward(
+            x, weight, bias, q, grad_y, ctx.kind, ctx.layer_id, need_x, need_w, need_b)
+        return gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None
 
 
 def _compiled_node(act: _act.Activation, x: torch.Tensor, weight: torch.Tensor, layer) -> bool:
@@ -119,4 +181,7 @@ def implicit_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     act = _act.get(activation)
     if _compiled_node(act, x, weight, layer):
         return _C.implicit_linear(x, weight, bias, act.kind, layer._ib_id)
+    if (torch.compiler.is_compiling() and act.kind in _BUILTIN
+            and getattr(layer, "_ib_id", None) is not None):
+        return _TracedImplicitLinearFunction.apply(x, weight, bias, act.kind, layer._ib_id)
     return ImplicitLinearFunction.apply(x, weight, bias, act, layer)

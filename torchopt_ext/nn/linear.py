@@ -23,7 +23,9 @@ class ImplicitLinear(nn.Module):
 
     For the built-in activations in float32/float64 the layer runs as one C++ autograd node
     (csrc/implicit_linear.cpp) that asks for eta and mu at backward time; that node holds the
-    layer's id, not the layer, so delete a layer only after its backward has run.
+    layer's id, not the layer, so delete a layer only after its backward has run. Under
+    torch.compile the layer traces (fullgraph too) and its backward is one opaque op that reads
+    eta and mu when the compiled backward runs, so a scheduler's lr takes effect there as well.
 
     Each backward through the layer writes the decay term mu W/(1+eta mu) once (DESIGN.md's .grad
     convention). Calling the layer k times before one backward (weight sharing), or accumulating k

@@ -261,8 +261,17 @@ def test_forwards_that_tracing_would_freeze_are_not_rewritten():
         def forward(self, x):
             return F.relu(self.fc(x)) + torch.ones(4)
 
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None):
+            h = F.relu(self.fc(x))
+            return h if mask is None else h * mask  # traced, mask is never None
+
     for cls, why in ((TrainOnly, "differs between train() and eval()"),
-                     (Constant, "makes tensor constants")):
+                     (Constant, "makes tensor constants"), (Masked, "or with mask=None")):
         model = cls()
         with pytest.warns(UserWarning, match=re.escape(why)):
             conv, report = implicit(model)

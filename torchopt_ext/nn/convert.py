@@ -21,6 +21,7 @@ consecutive children of an ``nn.Sequential`` are paired (elsewhere the order of 
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
@@ -29,6 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
@@ -209,13 +211,13 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, qualname))
 
 
-def _trace(module: nn.Module, tracer: _Tracer) -> Tuple[fx.Graph, bool]:
+def _trace(module: nn.Module, tracer: _Tracer, concrete=None) -> Tuple[fx.Graph, bool]:
     """The traced graph of ``module``'s forward, and whether tracing stored attributes on it: the
     tensor constants the tracer freezes, or what the forward itself sets. Either is undone (the
     module is left as it was), and either makes the trace unfit to replace the forward."""
     saved = dict(module.__dict__)
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=concrete)
     finally:
         state = module.__dict__
         stored = any(k not in saved or state[k] is not saved[k] for k in state)
@@ -242,6 +244,37 @@ def _in_modes(root: nn.Module, fn):
 
 def _code(graph: fx.Graph) -> str:
     return graph.python_code(root_module="self").src
+
+
+def _none_defaults(mod: nn.Module) -> Dict[str, None]:
+    """The forward's arguments that default to None: a trace sees them as given (``mask is None``
+    is False for a traced value), so each is also traced as None."""
+    try:
+        params = inspect.signature(type(mod).forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: None for p in params if p.default is None}
+
+
+def _traces(mod: nn.Module, tracer: Callable[[], _Tracer]) -> List[Tuple[fx.Graph, bool]]:
+    """``_trace`` of ``mod`` in each train/eval setting, with its None-default arguments traced as
+    given and as None."""
+    variants = [None] + ([_none_defaults(mod)] if _none_defaults(mod) else [])
+    return [t for ts in _in_modes(mod, lambda: [_trace(mod, tracer(), c) for c in variants]) for t in ts]
+
+
+def _steps(graph: fx.Graph) -> List[tuple]:
+    """The graph's calls and their arguments, with arguments numbered by position and the checks
+    a None-specialised trace adds left out (so traces of the same code compare equal)."""
+    index: Dict[fx.Node, str] = {}
+    out: List[tuple] = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            index[n] = f"arg{len(index)}"
+        elif n.target is not _assert_is_none:
+            index[n] = f"n{len(out)}"
+            out.append((n.op, n.target, repr(fx.node.map_arg((n.args, n.kwargs), index.get))))
+    return out
 
 
 def _is_torch_nn(mod: nn.Module) -> bool:
@@ -395,14 +428,16 @@ def _local_trace(mod: nn.Module) -> Tuple[Optional[fx.Graph], str]:
     rewritten (tracing fails, it freezes tensor constants, or train/eval change it)."""
     name = type(mod).__name__
     try:
-        traced = _in_modes(mod, lambda: _trace(mod, _Tracer(all_leaves=True)))
+        traced = _traces(mod, lambda: _Tracer(all_leaves=True))
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward under tracing
         return None, f"{name}.forward cannot be traced alone ({type(e).__name__}: {_first_line(e)})"
     if any(stored for _, stored in traced):
         return None, (f"{name}.forward makes tensor constants or sets attributes, which a traced "
                       "copy would freeze or skip")
-    if len({_code(g) for g, _ in traced}) > 1:
-        return None, f"{name}.forward differs between train() and eval()"
+    if len({repr(_steps(g)) for g, _ in traced}) > 1:
+        optional = ", ".join(f"{k}=None" for k in _none_defaults(mod))
+        return None, (f"{name}.forward differs between train() and eval()"
+                      + (f" or with {optional}" if optional else ""))
     return traced[0][0], ""
 
 
@@ -490,6 +525,7 @@ def _convert_traced(root, graphs, linears, wrappers, fit_types, identity, report
     """Convert using the traced ``graphs`` (one per distinct train/eval trace); returns the reasons
     of the Linears that stay explicit."""
     static = _static_reasons(root, linears)
+    optional = "".join(f" or with {k}=None" for k in _none_defaults(root))
     analysed = [_analyse(root, g, linears, wrappers, fit_types) for g in graphs]
     found: Dict[int, _Found] = {}
     for path, lin in linears:
@@ -497,7 +533,7 @@ def _convert_traced(root, graphs, linears, wrappers, fit_types, identity, report
         if id(lin) in static:
             found[id(lin)] = _Found(None, "", static[id(lin)], False)
         elif len({f.key() for f in per}) > 1:
-            found[id(lin)] = _Found(None, "", "used differently in train() and eval()", False)
+            found[id(lin)] = _Found(None, "", f"used differently in train() and eval(){optional}", False)
         else:
             found[id(lin)] = per[0]
     counts = [a[1] for a in analysed]
@@ -615,9 +651,11 @@ def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, Iter
     called only after converted Linears becomes nn.Identity. A function call (or an activation
     module also called elsewhere) cannot be removed that way: the module whose forward makes it
     gets a subclass of its class whose forward is its traced forward without that call (listed
-    in ``report.rewritten``; its Python branches are those taken when converting). If torch.fx
-    cannot trace the model, only consecutive children of each nn.Sequential are paired, with a
-    warning. When nothing converts, a warning names each Linear and why it stayed explicit.
+    in ``report.rewritten``; its Python branches are those taken when converting, so a forward
+    that changes with train()/eval() or with an argument left at None is not rewritten). Only
+    forward is looked at: another method calling a converted Linear gets the activation too. If
+    torch.fx cannot trace the model, only consecutive children of each nn.Sequential are paired,
+    with a warning. When nothing converts, a warning names each Linear and why it stayed explicit.
 
     Args:
         model: any module.
@@ -642,7 +680,7 @@ def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, Iter
     linears = [(p, m) for p, m in model.named_modules() if type(m) is nn.Linear]
     wrappers = _wrapper_kinds(model)
     try:
-        traced = _in_modes(model, lambda: _trace(model, _Tracer(leaves=wrappers))[0])
+        traced = [g for g, _ in _traces(model, lambda: _Tracer(leaves=wrappers))]
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward under tracing
         report.fallback = f"torch.fx: {type(e).__name__}: {_first_line(e)}"
         warnings.warn(f"implicit: torch.fx could not trace {type(model).__name__} "

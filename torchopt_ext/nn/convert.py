@@ -378,7 +378,7 @@ def _analyse(root: nn.Module, graph: fx.Graph, linears, wrappers,
             continue
         node = here[0]
         if len(node.args) != 1 or node.kwargs:
-            found[id(lin)] = _Found(None, "", "called with more than one argument", False)
+            found[id(lin)] = _Found(None, "", "called with keyword or extra arguments", False)
             continue
         uses = _uses(node)
         owner = _owner(node)

@@ -38,6 +38,7 @@ from torchopt_ext.optim._probe_guard import ProbeGuard
 
 _OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # j of the probes f(eta + j*h)
 _METHODS = ("guarded", "newton", "first_order")
+_COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
 
 def _as_loss(value, where: str) -> torch.Tensor:
@@ -268,10 +269,16 @@ class AdaptiveLRSGD(Optimizer):
                 for k in range(5):
                     guard.rewind()
                     probe_move_(params, originals, dirs, steps[k])
-                    f = probe_fn()
                     if k == 0:
+                        with warnings.catch_warnings():
+                            # torch warns that a global hook also fires for torch.compile's wrapper
+                            # module; recording that module too is harmless
+                            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING)
+                            f = probe_fn()
                         guard.first_probe_done()
                         guard.check_loss(f)
+                    else:
+                        f = probe_fn()
                     fs.append(_as_loss(f, "the closure"))
         finally:
             for p, w in zip(params, originals):

@@ -40,6 +40,7 @@ def test_tiny_writes_runs_results_and_plots(tiny):
         assert f"### Verdict for `adaptive` on {m}" in md
         assert (out / f"adaptive_{m}.png").stat().st_size > 1000
     assert "max/min ratio" in md  # the logistic zone line
+    assert md.count("already dead (constant argmax) at init") == len(lr_free.MODELS)
     assert not [f for f in os.listdir(out) if f.startswith(".runs-")]  # no temp file left behind
 
 

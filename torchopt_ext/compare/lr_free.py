@@ -181,7 +181,10 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
 
 def available(name: str) -> bool:
     pkg = OPTIMIZERS[name].package
-    return pkg is None or importlib.util.find_spec(pkg) is not None
+    try:
+        return pkg is None or importlib.util.find_spec(pkg) is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules (None) raises ValueError
+        return False
 
 
 def _fingerprint(name: str) -> str:
@@ -405,7 +408,9 @@ def _ms(vals) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
-def results_markdown(runs: List[dict], header: str) -> str:
+def results_markdown(runs: List[dict], header: str, dead_at_init: Optional[Dict[str, List[int]]] = None) -> str:
+    """The tables and verdicts; ``dead_at_init``: {model: seeds whose untrained network is already
+    constant}, so a "dead" count that only means "never left its init" can be told apart."""
     models = [m for m in MODELS if select(runs, m)]
     opts = [o for o in OPTIMIZERS if select(runs, optimizer=o)]
     out = [header, "", "What the grid's \"initial lr\" sets for each optimizer:", "",
@@ -430,6 +435,10 @@ def results_markdown(runs: List[dict], header: str) -> str:
                            f"{sum(bool(r['dead']) for r in rs)}/{len(rs)} | "
                            f"{_median(r['settled_eta'] for r in rs):.3g} |")
         out.append("")
+        if dead_at_init is not None and m in dead_at_init:
+            seeds = dead_at_init[m]
+            out += [f"Untrained networks already dead (constant argmax) at init: "
+                    f"{'seeds ' + ', '.join(map(str, seeds)) if seeds else 'none'} of this grid's seeds.", ""]
         if select(runs, m, "adaptive"):
             out += _verdict_md(verdict(runs, m))
     return "\n".join(out) + "\n"
@@ -546,11 +555,15 @@ def run(out: str, models: Sequence[str] = tuple(MODELS), optimizers: Optional[Se
               f"training set.\n\n"
               f"{f'Command: `python -m torchopt_ext.compare.lr_free {command}`; ' if command is not None else ''}"
               f"{f'commit {rev}; ' if (rev := _git_rev()) else ''}this call ran {new} new run(s) in "
-              f"{seconds:.0f} s on {torch.get_num_threads()} thread(s), torch {torch.__version__}.")
+              f"{seconds:.0f} s on {torch.get_num_threads()} thread(s), torch {torch.__version__}; the "
+              f"{len(current)} runs' own training and evaluation took {sum(r['seconds'] for r in current):.0f} s "
+              f"in all.")
+    x = _digits()[0]
+    dead_at_init = {m: [s for s in seeds if is_dead(MODELS[m](s), x)] for m in models}
     files = [path]
     md = os.path.join(out, "results.md")
     with open(md, "w") as f:
-        f.write(results_markdown(current, header))
+        f.write(results_markdown(current, header, dead_at_init))
     files.append(md)
     for m in models if plots else ():
         png = os.path.join(out, f"adaptive_{m}.png")

@@ -113,6 +113,11 @@ def test_resume_skips_done_runs_and_reruns_changed_configs(tmp_path, monkeypatch
     res = lr_free.run(str(tmp_path), lrs=[0.1], adaptive_kwargs={"eps": 1e-3}, **kw)
     assert calls == [("adaptive", 0.1, {"eps": 1e-3})] and len(res["runs"]) == 2  # report: this grid only
     assert len(lr_free.load_runs(str(tmp_path / "runs.json"))) == 5
+    calls.clear()
+    monkeypatch.setattr(lr_free, "ADAPTIVE_KWARGS", {"eps": 1e-3})  # as the CLI's above: nothing new
+    assert lr_free.run(str(tmp_path), lrs=[0.1], **kw)["new"] == 0
+    monkeypatch.setattr(lr_free, "ADAPTIVE_KWARGS", {"eps": 2e-3})
+    assert lr_free.run(str(tmp_path), lrs=[0.1], **kw)["new"] == 1 and calls == [("adaptive", 0.1, {"eps": 2e-3})]
 
 
 def test_adaptive_kwargs_come_from_one_place(monkeypatch):

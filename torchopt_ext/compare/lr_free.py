@@ -504,7 +504,8 @@ def check(models: Sequence[str], optimizers: Optional[Sequence[str]], adaptive_k
             raise ValueError(f"unknown model {m!r}; known: {', '.join(MODELS)}")
     kwargs = {o: {} for o in optimizers}
     if "adaptive" in kwargs:
-        kwargs["adaptive"] = dict(adaptive_kwargs or {})
+        # the merged kwargs go into each run's config, so editing ADAPTIVE_KWARGS also reruns
+        kwargs["adaptive"] = {**ADAPTIVE_KWARGS, **(adaptive_kwargs or {})}
         try:  # fail before the grid starts, not at its first adaptive run
             OPTIMIZERS["adaptive"].make(nn.Linear(2, 2).parameters(), 0.1, kwargs["adaptive"])
         except (TypeError, ValueError) as exc:

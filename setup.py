@@ -90,6 +90,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm"],
         "cli": ["scikit-learn", "matplotlib", "tqdm"],
+        # the learning-rate-free competitors of torchopt_ext.compare.lr_free; install with --no-deps
+        # (schedulefree names torch as a dependency and pip would otherwise re-resolve it)
+        "bench": ["dadaptation", "prodigyopt", "schedulefree", "dog-optimizer"],
     },
     entry_points={"console_scripts": ["torchopt-ext=torchopt_ext.cli:main"]},
     ext_modules=[_extension()],

@@ -158,14 +158,15 @@ def _mlp_problem(seed=0):
     return net, x, y, nn.CrossEntropyLoss()
 
 
-def test_torch_optim_closure_equals_the_probe_closure():
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_torch_optim_closure_equals_the_probe_closure(set_to_none):
     net_a, x, y, lossf = _mlp_problem()
     net_b = copy.deepcopy(net_a)
     opt_a = AdaptiveLRSGD(net_a.parameters(), lr=0.05, momentum=0.5)
     opt_b = AdaptiveLRSGD(net_b.parameters(), lr=0.05, momentum=0.5)
 
     def torch_closure():
-        opt_b.zero_grad()
+        opt_b.zero_grad(set_to_none=set_to_none)  # in the probes too: it must not zero the step's gradient
         loss = lossf(net_b(x), y)
         loss.backward()
         return loss
@@ -212,10 +213,11 @@ def test_model_and_optimizer_copies_continue_on_the_same_trajectory(how):
     torch.manual_seed(0)
     net = _Net()
     x, y, lossf = torch.randn(32, 5), torch.randint(0, 3, (32,)), nn.CrossEntropyLoss()
-    opt = AdaptiveLRSGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt = AdaptiveLRSGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, model=net)
     _train(net, opt, x, y, lossf, 3, 0)
     net2, opt2 = copy.deepcopy((net, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((net, opt)))
     assert all(p is q for p, q in zip(opt2.param_groups[0]["params"], net2.parameters()))
+    assert opt2.model is net2  # the copy restores the copied model's buffers, not the original's
     _train(net, opt, x, y, lossf, 3, 10)
     _train(net2, opt2, x, y, lossf, 3, 10)
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] != 0.05
@@ -295,6 +297,19 @@ def test_autocast_inside_the_closure_warns_once():
         assert len([w for w in caught if "autocast" in str(w.message)]) == (1 if k == 0 else 0)
 
 
+def test_a_low_precision_loss_warns_once():
+    x, y = _digits_batch()
+    net = nn.Sequential(nn.Linear(64, 10))
+    opt = AdaptiveLRSGD(net.parameters(), lr=0.1)
+    for k in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(lambda: nn.functional.cross_entropy(net(x), y).bfloat16())
+        assert len([w for w in caught if "bfloat16" in str(w.message)]) == (1 if k == 0 else 0)
+
+
 # -- what a closure may return -----------------------------------------------------------------------
 
 
@@ -324,6 +339,15 @@ def test_a_closure_that_raises_leaves_everything_as_it_was():
         assert torch.equal(a, b)
     assert after[2]["param_groups"][0]["lr"] == before[2]["param_groups"][0]["lr"]
     opt.step(lambda: lossf(net(x), y))  # and the next step works
+
+
+def test_per_sample_losses_are_averaged_in_float64():
+    w = nn.Parameter(torch.ones(1))
+    opt = AdaptiveLRSGD([w], lr=0.1)
+    w.sum().backward()
+    per_sample = torch.tensor([2.0 ** 24] + [1.0] * 1000)  # a float32 sum loses every one of the 1s
+    opt.step(lambda: per_sample)
+    assert opt.last_probe_losses[2].item() == (2.0 ** 24 + 1000) / 1001
 
 
 @pytest.mark.parametrize("value, error, match", [

@@ -88,11 +88,14 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm",
+                 "music21"],
         "cli": ["scikit-learn", "matplotlib", "tqdm"],
         # the learning-rate-free competitors of torchopt_ext.compare.lr_free; install with --no-deps
         # (schedulefree names torch as a dependency and pip would otherwise re-resolve it)
         "bench": ["dadaptation", "prodigyopt", "schedulefree", "dog-optimizer"],
+        # `compare --tasks jsb`: the Bach chorales come from music21's corpus
+        "music": ["music21", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["torchopt-ext=torchopt_ext.cli:main"]},
     ext_modules=[_extension()],

@@ -67,15 +67,15 @@ std::tuple<at::Tensor, at::Tensor> newton_lr_cuda(const at::Tensor& losses, cons
 }
 
 at::Tensor guarded_lr_cuda(const at::Tensor& losses, const at::Tensor& eta, double eps, double delta, double growth,
-                           double fraction) {
-  check_guarded_lr_args(losses, eta, growth, fraction);
+                           double fraction, double shrink) {
+  check_guarded_lr_args(losses, eta, growth, fraction, shrink);
   TORCH_CHECK(losses.is_cuda(), "guarded_lr: the CUDA kernel got losses on ", losses.device());
   const c10::cuda::CUDAGuard guard(losses.device());
   auto f = losses.to(at::kDouble).contiguous();
   auto e = eta.to(at::kDouble).contiguous();
   auto eta_out = at::empty({}, losses.options().dtype(at::kDouble));
   const int err = cuda::guarded_lr_launch(f.data_ptr<double>(), e.data_ptr<double>(), eps, delta, growth, fraction,
-                                          eta_out.data_ptr<double>(), at::cuda::getCurrentCUDAStream().stream());
+                                          shrink, eta_out.data_ptr<double>(), at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "guarded_lr: CUDA launch failed with error ", err);
   return eta_out;
 }

@@ -369,6 +369,7 @@ def test_new_arguments_get_named_errors():
     w = nn.Parameter(torch.ones(3))
     for kw, name in ((dict(growth=1.0), "growth"), (dict(growth="2"), "growth"), (dict(fraction=0.0), "fraction"),
                      (dict(fraction=2.0), "fraction"), (dict(lr_momentum=0.5), "lr_momentum"),
+                     (dict(shrink=0.5), "shrink"), (dict(shrink=None), "shrink"),
                      (dict(method="paper"), "method")):
         with pytest.raises((ValueError, TypeError), match=name):
             AdaptiveLRSGD([w], **kw)

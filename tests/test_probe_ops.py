@@ -125,14 +125,15 @@ def _line(eta, s, c, eps, f0=1.0):
     return torch.tensor([f0 + s * j * eps + 0.5 * c * (j * eps) ** 2 for j in (-2, -1, 0, 1, 2)], dtype=torch.float64)
 
 
-# (eta, slope, curvature, what the guarded rule must give), eps = 1e-2, growth 2, fraction 1/2
+# (eta, slope, curvature, what the guarded rule must give), eps = 1e-2, growth 2, fraction 1/2, shrink 10
 _GUARDED_CASES = [
     (0.3, -1.0, 4.0, 0.5 * (0.3 + 1.0 / 4.0)),  # inside the trust region: half the line's minimiser
     (0.01, -1.0, 4.0, 0.02),  # the minimiser is far: grow by at most 2x
-    (1.0, 1.0, 0.1, 0.5),  # minimiser behind 0: shrink
-    (1.0, 3.0, 4.0, 0.5),  # minimiser 0.25, half of it 0.125: shrink by at most 2x
+    (1.0, 1.0, 0.1, 0.1),  # minimiser behind 0: the largest cut, by shrink
+    (1.0, 3.0, 4.0, 0.125),  # minimiser 0.25: half of it, a cut of 8x is within shrink
+    (1.0, 39.0, 40.0, 0.1),  # minimiser 0.025, half of it 0.0125: cut by at most shrink
     (0.4, -1.0, -3.0, 0.4),  # concave, falling: hold
-    (0.4, 1.0, -3.0, 0.2),  # concave, rising: shrink
+    (0.4, 1.0, -3.0, 0.2),  # concave, rising: cut by growth
     (0.4, -1.0, 0.0, 0.4),  # flat curvature, falling: hold
     (1.5e-6, 1.0, 1.0, 1e-6),  # shrinking never goes below delta
 ]
@@ -141,9 +142,9 @@ _GUARDED_CASES = [
 @pytest.mark.parametrize("eta, s, c, want", _GUARDED_CASES)
 def test_guarded_lr_formula(eta, s, c, want):
     f = _line(eta, s, c, 1e-2)
-    got = guarded_lr(f, torch.tensor(eta, dtype=torch.float64), 1e-2, 1e-6)
+    got = guarded_lr(f, torch.tensor(eta, dtype=torch.float64), 1e-2, 1e-6, shrink=10.0)
     assert got.item() == pytest.approx(want, rel=1e-9)
-    ref = guarded_lr_reference(f, torch.tensor(eta, dtype=torch.float64), 1e-2, 1e-6)
+    ref = guarded_lr_reference(f, torch.tensor(eta, dtype=torch.float64), 1e-2, 1e-6, shrink=10.0)
     assert ref.item() == pytest.approx(want, rel=1e-9)
 
 
@@ -151,9 +152,9 @@ def test_guarded_lr_equals_reference_and_handles_non_finite():
     for f in _random_losses(200):
         for eta in (1e-6, 0.01, 0.3, 5.0):
             e = torch.tensor(eta, dtype=torch.float64)
-            for growth, fraction in ((2.0, 0.5), (1.5, 1.0)):
-                got = guarded_lr(f, e, 1e-3, 1e-6, growth, fraction)
-                want = guarded_lr_reference(f, e, 1e-3, 1e-6, growth, fraction)
+            for growth, fraction, shrink in ((2.0, 0.5, 100.0), (1.5, 1.0, 3.0)):
+                got = guarded_lr(f, e, 1e-3, 1e-6, growth, fraction, shrink)
+                want = guarded_lr_reference(f, e, 1e-3, 1e-6, growth, fraction, shrink)
                 assert got.dtype == torch.float64 and got.dim() == 0
                 torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
     e = torch.tensor(0.4, dtype=torch.float64)
@@ -169,7 +170,8 @@ def test_guarded_lr_equals_reference_and_handles_non_finite():
 
 def test_guarded_lr_errors_name_the_argument():
     f, e = _line(0.4, -1.0, 4.0, 1e-2), torch.tensor(0.4, dtype=torch.float64)
-    for kw, name in ((dict(growth=1.0), "growth"), (dict(fraction=0.0), "fraction"), (dict(fraction=1.5), "fraction")):
+    for kw, name in ((dict(growth=1.0), "growth"), (dict(fraction=0.0), "fraction"), (dict(fraction=1.5), "fraction"),
+                     (dict(shrink=1.0), "shrink"), (dict(shrink=float("inf")), "shrink")):
         for fn in (guarded_lr, guarded_lr_reference):
             with pytest.raises((ValueError, RuntimeError), match=name):
                 fn(f, e, 1e-2, 1e-6, **kw)
@@ -179,7 +181,7 @@ def test_guarded_lr_errors_name_the_argument():
 
 @needs_ext
 def test_opcheck_guarded_lr():
-    args = (_line(0.4, -1.0, 4.0, 1e-2), torch.tensor(0.4, dtype=torch.float64), 1e-2, 1e-6, 2.0, 0.5)
+    args = (_line(0.4, -1.0, 4.0, 1e-2), torch.tensor(0.4, dtype=torch.float64), 1e-2, 1e-6, 2.0, 0.5, 100.0)
     torch.library.opcheck(torch.ops.torchopt_ext.guarded_lr.default, args)
 
 

@@ -51,10 +51,11 @@ std::tuple<at::Tensor, at::Tensor> newton_lr_cpu(const at::Tensor& losses, const
 }
 
 at::Tensor guarded_lr_cpu(const at::Tensor& losses, const at::Tensor& eta, double eps, double delta, double growth,
-                          double fraction) {
-  check_guarded_lr_args(losses, eta, growth, fraction);
+                          double fraction, double shrink) {
+  check_guarded_lr_args(losses, eta, growth, fraction, shrink);
   auto f = losses.to(at::kDouble).contiguous();
-  const double next = math::guarded_lr_update(f.data_ptr<double>(), eta.item<double>(), eps, delta, growth, fraction);
+  const double next = math::guarded_lr_update(f.data_ptr<double>(), eta.item<double>(), eps, delta, growth, fraction,
+                                                    shrink);
   return at::scalar_tensor(next, losses.options().dtype(at::kDouble));
 }
 

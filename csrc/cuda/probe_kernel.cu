@@ -37,8 +37,8 @@ __global__ void newton_lr_kernel(const double* f, const double* eta, const doubl
 }
 
 __global__ void guarded_lr_kernel(const double* f, const double* eta, double eps, double delta, double growth,
-                                  double fraction, double* eta_out) {
-  *eta_out = torchopt_ext::math::guarded_lr_update(f, *eta, eps, delta, growth, fraction);
+                                  double fraction, double shrink, double* eta_out) {
+  *eta_out = torchopt_ext::math::guarded_lr_update(f, *eta, eps, delta, growth, fraction, shrink);
 }
 
 }  // namespace
@@ -79,8 +79,9 @@ int newton_lr_launch(const double* losses, const double* eta, const double* v, d
 }
 
 int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth,
-                      double fraction, double* eta_out, void* stream) {
-  guarded_lr_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(losses, eta, eps, delta, growth, fraction, eta_out);
+                      double fraction, double shrink, double* eta_out, void* stream) {
+  guarded_lr_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(losses, eta, eps, delta, growth, fraction, shrink,
+                                                                    eta_out);
   return static_cast<int>(cudaGetLastError());
 }
 

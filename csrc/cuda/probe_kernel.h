@@ -20,7 +20,7 @@ int newton_lr_launch(const double* losses, const double* eta, const double* v, d
 
 // One thread: *eta_out <- the guarded update of probe_math.h from 5 float64 losses.
 int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth,
-                      double fraction, double* eta_out, void* stream);
+                      double fraction, double shrink, double* eta_out, void* stream);
 
 }  // namespace cuda
 }  // namespace torchopt_ext

@@ -3,7 +3,7 @@
 ``probe_move_(params, saved, direction, step)``: every ``p <- saved - step * d`` in one call.
 ``newton_lr(losses, eta, velocity, eps, delta, beta)``: the next eta (and its momentum) from the
 five probe losses ``f(eta + j*eps)``, j = -2..2 (DESIGN.md section 3; paper eq. 16/18/19/20-21).
-``guarded_lr(losses, eta, eps, delta, growth, fraction)``: the next eta by the guarded rule
+``guarded_lr(losses, eta, eps, delta, growth, fraction, shrink)``: the next eta by the guarded rule
 (docs/ADAPTIVE_LR.md), AdaptiveLRSGD's default.
 Both keep everything on the tensors' device: no host synchronisation on CUDA.
 """
@@ -28,7 +28,7 @@ if _C is not None:
         return out, out.new_empty(())
 
     @torch.library.register_fake("torchopt_ext::guarded_lr")
-    def _guarded_lr_fake(losses, eta, eps, delta, growth, fraction):
+    def _guarded_lr_fake(losses, eta, eps, delta, growth, fraction, shrink):
         torch._check(losses.numel() == 5)
         return losses.new_empty((), dtype=torch.float64)
 
@@ -111,41 +111,44 @@ def first_order_lr_reference(losses, eta, velocity, eps, delta, meta_lr, beta=0.
     return _finish(eta, beta * v - meta_lr * slope, f, delta)
 
 
-def _check_guarded(losses, growth, fraction) -> None:
+def _check_guarded(losses, growth, fraction, shrink) -> None:
     if losses.numel() != 5:
         raise ValueError(f"guarded_lr: losses must hold the 5 probe losses, got {losses.numel()}")
     if not (1.0 < growth < float("inf")):
         raise ValueError(f"guarded_lr: growth must be finite and > 1, got {growth}")
     if not (0.0 < fraction <= 1.0):
         raise ValueError(f"guarded_lr: fraction must be in (0, 1], got {fraction}")
+    if not (1.0 < shrink < float("inf")):
+        raise ValueError(f"guarded_lr: shrink must be finite and > 1, got {shrink}")
 
 
 def guarded_lr(losses: torch.Tensor, eta: torch.Tensor, eps: float, delta: float, growth: float = 2.0,
-               fraction: float = 0.5) -> torch.Tensor:
+               fraction: float = 0.5, shrink: float = 100.0) -> torch.Tensor:
     """The next eta, a 0-dim float64 tensor on ``losses``' device, by the guarded rule.
 
     With slope ``s = (f(+1) - f(-1))/(2 eps)`` and curvature ``c = (f(+2) + f(-2) - 2 f(0))/(4 eps^2)``
-    of the loss along the step: target ``fraction * (eta - s/c)`` when ``c > 0`` and that minimiser
-    is positive; else eta holds while ``s <= 0`` and is divided by ``growth`` otherwise (also for a
-    non-finite probe loss). The result stays within ``[eta/growth, eta*growth]`` and ``>= delta``.
+    of the loss along the step: where ``c > 0`` the target is ``fraction * (eta - s/c)`` (a minimiser
+    behind 0 gives ``eta/shrink``); where ``c <= 0`` eta holds while ``s <= 0`` and is divided by
+    ``growth`` otherwise, as for a non-finite probe loss. The result stays within
+    ``[eta/shrink, eta*growth]`` and ``>= delta``.
     """
     if _compiled_for(losses.device):
         return torch.ops.torchopt_ext.guarded_lr(losses, eta, float(eps), float(delta), float(growth),
-                                                 float(fraction))
-    return guarded_lr_reference(losses, eta, eps, delta, growth, fraction)
+                                                 float(fraction), float(shrink))
+    return guarded_lr_reference(losses, eta, eps, delta, growth, fraction, shrink)
 
 
-def guarded_lr_reference(losses, eta, eps, delta, growth=2.0, fraction=0.5) -> torch.Tensor:
+def guarded_lr_reference(losses, eta, eps, delta, growth=2.0, fraction=0.5, shrink=100.0) -> torch.Tensor:
     """``guarded_lr`` in plain PyTorch ops (float64, no host sync); ``eps`` may be a 0-dim tensor."""
-    _check_guarded(losses, growth, fraction)
+    _check_guarded(losses, growth, fraction, shrink)
     f = losses.detach().reshape(5).to(torch.float64)
     eta = eta.detach().reshape(()).to(torch.float64)
     s = (f[3] - f[1]) / (2.0 * eps)
     c = (f[4] + f[0] - 2.0 * f[2]) / (4.0 * eps * eps)
     finite = torch.isfinite(f).all()
-    shrink = eta / growth
+    lo = eta / shrink
     e_star = eta - s / c
-    target = torch.where(finite & (c > 0), torch.where(e_star > 0, fraction * e_star, shrink),
-                         torch.where(finite & ~(s > 0), eta, shrink))
-    nxt = torch.minimum(torch.maximum(target, shrink), eta * growth)  # a NaN stays NaN and lands on delta
+    target = torch.where(finite & (c > 0), torch.where(e_star > 0, fraction * e_star, lo),
+                         torch.where(finite & ~(s > 0), eta, eta / growth))
+    nxt = torch.minimum(torch.maximum(target, lo), eta * growth)  # a NaN stays NaN and lands on delta
     return torch.where(nxt >= delta, nxt, torch.full_like(nxt, delta))

@@ -80,11 +80,14 @@ class AdaptiveLRSGD(Optimizer):
         delta: floor of eta (paper eq. 19); for ``method="newton"`` also the smoothing of the Newton
             denominator (eq. 18).
         method: "guarded" (default): eta moves to ``fraction`` times the minimiser of the probed line's
-            quadratic model, by at most a factor ``growth`` per step, and never grows where the line
+            quadratic model, growing by at most a factor ``growth`` per step, and never grows where the line
             has no minimum (docs/ADAPTIVE_LR.md, "The guarded rule"). "newton": the paper's eq.
             16/18/19 as written. "first_order": eq. 6-8 (needs ``meta_lr``).
-        growth: the most eta may grow or shrink in one step (guarded; > 1, default 2).
+        growth: the most eta may grow in one step (guarded; > 1, default 2); also the cautious cut on a
+            rising line without a minimum.
         fraction: the share of the line's minimiser eta aims at (guarded; in (0, 1], default 0.5).
+        shrink: the most eta may shrink in one step (guarded; > 1, default 100): an initial lr far too
+            large is cut at once, since a few steps at it can already kill a network.
         lr_momentum: beta of the momentum on eta (eq. 20-21) for "newton" and "first_order".
         meta_lr: kappa of the first-order rule.
         momentum, weight_decay: as in ``torch.optim.SGD`` (dampening 0, no Nesterov).
@@ -135,6 +138,7 @@ class AdaptiveLRSGD(Optimizer):
         *,
         growth: float = 2.0,
         fraction: float = 0.5,
+        shrink: float = 100.0,
         model: Optional[nn.Module] = None,
         relative_eps: bool = False,
         batched: bool = False,
@@ -154,8 +158,11 @@ class AdaptiveLRSGD(Optimizer):
                 raise ValueError("AdaptiveLRSGD: method='first_order' needs meta_lr (the meta learning rate kappa)")
             meta_lr = _positive("meta_lr", meta_lr)
         growth, fraction = _positive("growth", growth), _positive("fraction", fraction)
+        shrink = _positive("shrink", shrink)
         if growth <= 1:
             raise ValueError(f"AdaptiveLRSGD: growth must be > 1, got {growth}")
+        if shrink <= 1:
+            raise ValueError(f"AdaptiveLRSGD: shrink must be > 1, got {shrink}")
         if fraction > 1:
             raise ValueError(f"AdaptiveLRSGD: fraction must be in (0, 1], got {fraction}")
         momentum = _positive("momentum", momentum, allow_zero=True)
@@ -164,7 +171,7 @@ class AdaptiveLRSGD(Optimizer):
             raise TypeError(f"AdaptiveLRSGD: model must be an nn.Module or None, got {type(model).__name__}")
         defaults = dict(lr=lr, eps=eps, delta=delta, lr_momentum=lr_momentum, method=method, meta_lr=meta_lr,
                         momentum=momentum, weight_decay=weight_decay, relative_eps=bool(relative_eps),
-                        growth=growth, fraction=fraction, lr_velocity=0.0)
+                        growth=growth, fraction=fraction, shrink=shrink, lr_velocity=0.0)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError(f"AdaptiveLRSGD: one eta drives all parameters, pass one param group, got "
@@ -195,6 +202,7 @@ class AdaptiveLRSGD(Optimizer):
         for group in self.param_groups:  # groups saved before the guarded rule existed
             group.setdefault("growth", 2.0)
             group.setdefault("fraction", 0.5)
+            group.setdefault("shrink", 100.0)
         for name, default in (("model", None), ("batched", False), ("lr_on_device", None),
                               ("last_probe_losses", None), ("_torch_closure", None)):
             if not hasattr(self, name):
@@ -332,7 +340,8 @@ class AdaptiveLRSGD(Optimizer):
             # the compiled op takes h as a number; a tensor h (relative_eps on the device) goes through
             # the reference, which is the same formula in torch ops
             rule = guarded_lr if not isinstance(h, torch.Tensor) else guarded_lr_reference
-            return rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"]), torch.zeros_like(v_t)
+            return rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"],
+                         group["shrink"]), torch.zeros_like(v_t)
         if method == "newton":
             rule = newton_lr if not isinstance(h, torch.Tensor) else newton_lr_reference
             return rule(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])

@@ -33,13 +33,15 @@ inline void check_newton_lr_args(const at::Tensor& losses, const at::Tensor& eta
               eta.device(), ", ", velocity.device());
 }
 
-inline void check_guarded_lr_args(const at::Tensor& losses, const at::Tensor& eta, double growth, double fraction) {
+inline void check_guarded_lr_args(const at::Tensor& losses, const at::Tensor& eta, double growth, double fraction,
+                                  double shrink) {
   TORCH_CHECK(losses.numel() == 5, "guarded_lr: losses must hold the 5 probe losses, got ", losses.numel());
   TORCH_CHECK(eta.numel() == 1, "guarded_lr: eta must be a 0-dim tensor, got shape ", eta.sizes());
   TORCH_CHECK(eta.device() == losses.device(), "guarded_lr: losses and eta must be on one device, got ",
               losses.device(), ", ", eta.device());
   TORCH_CHECK(growth > 1.0 && std::isfinite(growth), "guarded_lr: growth must be finite and > 1, got ", growth);
   TORCH_CHECK(fraction > 0.0 && fraction <= 1.0, "guarded_lr: fraction must be in (0, 1], got ", fraction);
+  TORCH_CHECK(shrink > 1.0 && std::isfinite(shrink), "guarded_lr: shrink must be finite and > 1, got ", shrink);
 }
 
 }  // namespace torchopt_ext

@@ -33,26 +33,27 @@ TORCHOPT_HD inline void newton_lr_update(const double* f, double eta, double v, 
 // The guarded rule (docs/ADAPTIVE_LR.md, "The guarded rule"). From the five probes, the slope
 // s = f'(eta) and curvature c = f''(eta) of the loss along the step direction. With c > 0 the line's
 // quadratic model has its minimum at e* = eta - s/c, and the target is fraction * e*: the middle of
-// the interval (0, 2e*) on which the model decreases, so an e* off by up to 2x still descends. A
-// model without a minimum (c <= 0, or e* <= 0) gives no target: eta holds while the line falls
-// (s <= 0) and shrinks otherwise. The result moves by at most a factor growth either way, is >= delta,
-// and a non-finite probe loss shrinks eta by growth.
+// the interval (0, 2e*) on which the model decreases, so an e* off by up to 2x still descends; a
+// minimum behind 0 asks for the largest cut. A line without a minimum (c <= 0) gives no target: eta
+// holds while the line falls (s <= 0) and is divided by growth otherwise, as for a non-finite probe.
+// The result lies in [eta/shrink, eta*growth] (growing is what destabilises training, so it is the
+// slow direction) and is >= delta.
 TORCHOPT_HD inline double guarded_lr_update(const double* f, double eta, double eps, double delta, double growth,
-                                            double fraction) {
+                                            double fraction, double shrink) {
   bool finite = true;
   for (int j = 0; j < 5; ++j) finite = finite && std::isfinite(f[j]);
   const double s = (f[3] - f[1]) / (2.0 * eps);
   const double c = (f[4] + f[0] - 2.0 * f[2]) / (4.0 * eps * eps);
-  const double shrink = eta / growth;
-  double target = shrink;
+  const double lo = eta / shrink;
+  const double hi = eta * growth;
+  double target = eta / growth;
   if (finite && c > 0.0) {
     const double e_star = eta - s / c;
-    target = e_star > 0.0 ? fraction * e_star : shrink;
+    target = e_star > 0.0 ? fraction * e_star : lo;
   } else if (finite && !(s > 0.0)) {
     target = eta;
   }
-  const double hi = eta * growth;
-  double next = target < shrink ? shrink : (target > hi ? hi : target);
+  double next = target < lo ? lo : (target > hi ? hi : target);
   if (!(next >= delta)) next = delta;  // also catches NaN eta and a NaN target
   return next;
 }

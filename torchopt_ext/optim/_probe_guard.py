@@ -9,7 +9,9 @@ global forward pre-hook (torch.nn.modules.module.register_module_forward_pre_hoo
 buffers and flags of every module the closure calls in the first probe, before its forward. The hook
 is removed after the first probe, because a global hook sends every module call through torch's
 slow path: the five probes run one closure on one batch, so they call the same modules, except in
-models whose route depends on the weights (mixture-of-experts), which should pass ``model``.
+models whose route depends on the weights (mixture-of-experts), which should pass ``model``. With a
+``model`` (given, or a ``FunctionalProbe``'s) everything is saved up front and only the model's own
+forward is hooked, for the autocast check.
 """
 from __future__ import annotations
 
@@ -55,9 +57,8 @@ class ProbeGuard:
                     self.buffers.append((m, name, b, b.detach().clone()))
 
     def _seen(self, module: nn.Module, args) -> None:
-        if id(module) in self.modules:
-            return
-        self._record(module)
+        if id(module) not in self.modules:
+            self._record(module)
         if not self.warned.get("autocast") and any(torch.is_autocast_enabled(t) for t in self.device_types):
             self.warned["autocast"] = True
             warnings.warn(
@@ -75,8 +76,11 @@ class ProbeGuard:
         self.modules: Dict[int, tuple] = {}
         self.buffers: list = []
         if self.model is not None:
+            # every module is known: a hook on the model alone serves the autocast check
             self._record(self.model)
-        self.hook = register_module_forward_pre_hook(self._seen)
+            self.hook = self.model.register_forward_pre_hook(self._seen)
+        else:
+            self.hook = register_module_forward_pre_hook(self._seen)
         self.grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
@@ -125,5 +129,6 @@ class ProbeGuard:
                 b.copy_(saved)
                 m._buffers[name] = b  # a module that rebinds a buffer gets its own tensor back
         for m, flag in self.modules.values():
-            m.training = flag
+            if m.training is not flag:  # nn.Module.__setattr__ is slow; most flags never change
+                m.training = flag
         return False

@@ -33,8 +33,9 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _sgd_functional
 
 from torchopt_ext.ops.probe import (first_order_lr_reference, guarded_lr, guarded_lr_reference, newton_lr,
-                                    newton_lr_reference, probe_move_)
+                                    newton_lr_reference, probe_mover)
 from torchopt_ext.optim._probe_guard import ProbeGuard
+from torchopt_ext.optim.functional_probe import FunctionalProbe
 
 _OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # j of the probes f(eta + j*h)
 _METHODS = ("guarded", "newton", "first_order")
@@ -250,9 +251,11 @@ class AdaptiveLRSGD(Optimizer):
             dirs.append(d)
         return dirs
 
-    def _guard(self, group, params):
-        every = [p for p in group["params"]]
-        return ProbeGuard(self.model, {p.device for p in params}, every, self._warned_once)
+    def _guard(self, group, params, probe_fn):
+        model = self.model
+        if model is None and isinstance(probe_fn, FunctionalProbe):
+            model = probe_fn.model  # it names the module it evaluates: no need to watch module calls
+        return ProbeGuard(model, {p.device for p in params}, group["params"], self._warned_once)
 
     def _probe(self, probe_fn: Callable, group, params, dirs, steps: torch.Tensor) -> torch.Tensor:
         # w never moves: during the probes each parameter points at scratch storage (swapping .data is
@@ -261,7 +264,7 @@ class AdaptiveLRSGD(Optimizer):
         # cost two more passes over the parameters.
         originals = [p.data for p in params]
         if self.batched and hasattr(probe_fn, "batched"):
-            with self._guard(group, params):
+            with self._guard(group, params, probe_fn):
                 return self._probe_batched(probe_fn, params, originals, dirs, steps)
         scratch = []
         for p in params:
@@ -272,21 +275,23 @@ class AdaptiveLRSGD(Optimizer):
         try:
             for p, s in zip(params, scratch):
                 p.data = s
-            with self._guard(group, params) as guard:
+            move = probe_mover(params[0].device)  # the lists are SGD's own: one device, matching shapes
+            with self._guard(group, params, probe_fn) as guard:
                 fs = []
-                for k in range(5):
+                for k, step in enumerate(steps.unbind(0)):
                     guard.rewind()
-                    probe_move_(params, originals, dirs, steps[k])
-                    if k == 0:
+                    move(params, originals, dirs, step)
+                    if k == 0 and guard.model is None:
                         with warnings.catch_warnings():
                             # torch warns that a global hook also fires for torch.compile's wrapper
                             # module; recording that module too is harmless
                             warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING)
                             f = probe_fn()
-                        guard.first_probe_done()
-                        guard.check_loss(f)
                     else:
                         f = probe_fn()
+                    if k == 0:
+                        guard.first_probe_done()
+                        guard.check_loss(f)
                     fs.append(_as_loss(f, "the closure"))
         finally:
             for p, w in zip(params, originals):
@@ -334,14 +339,14 @@ class AdaptiveLRSGD(Optimizer):
 
     def _next_eta(self, group, losses, eta_t, h):
         """(eta, velocity) after this step, 0-dim float64 tensors, from the probe losses."""
-        v_t = self._eta(group["lr_velocity"], losses.device)
         method = group["method"]
         if method == "guarded":
             # the compiled op takes h as a number; a tensor h (relative_eps on the device) goes through
             # the reference, which is the same formula in torch ops
             rule = guarded_lr if not isinstance(h, torch.Tensor) else guarded_lr_reference
-            return rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"],
-                         group["shrink"]), torch.zeros_like(v_t)
+            eta_next = rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"], group["shrink"])
+            return eta_next, torch.zeros_like(eta_next)
+        v_t = self._eta(group["lr_velocity"], losses.device)
         if method == "newton":
             rule = newton_lr if not isinstance(h, torch.Tensor) else newton_lr_reference
             return rule(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])

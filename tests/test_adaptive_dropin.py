@@ -9,18 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from test_adaptive_lr import _Net, _quadratic
 from torchopt_ext.optim import AdaptiveLRSGD
 
 D = torch.float64
-
-
-def _quadratic(n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=g, dtype=D)
-    A = m @ m.T + n * torch.eye(n, dtype=D)
-    b = torch.randn(n, generator=g, dtype=D)
-    w = nn.Parameter(torch.randn(n, generator=g, dtype=D))
-    return A, b, w, lambda: 0.5 * w @ A @ w - b @ w
 
 
 # -- the guarded rule --------------------------------------------------------------------------------
@@ -88,15 +80,6 @@ def test_guarded_rule_keeps_a_relu_mlp_alive_where_the_paper_rule_kills_it():
 
 
 # -- buffers without model= --------------------------------------------------------------------------
-
-
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
-
-    def forward(self, x):
-        return self.body(x)
 
 
 @pytest.mark.parametrize("with_model", [False, True])

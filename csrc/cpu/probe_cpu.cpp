@@ -9,15 +9,28 @@ namespace torchopt_ext {
 namespace {
 
 // p = saved - d*h in the parameter's precision, h rounded to it once: the same two roundings as
-// `saved - direction * h` in ATen (the reference), and no slower than a copy. Rounding h to float32
-// moves a probe by ~6e-8*h, far below the spacing eps it must resolve.
+// `saved - direction * h` in ATen (the reference). Rounding h to float32 moves a probe by ~6e-8*h,
+// far below the spacing eps it must resolve. The extension's baseline is SSE2, so the loop also gets
+// an AVX2 clone picked at load time (twice the lanes; ATen's own kernels dispatch the same way).
+// AVX2 alone implies no FMA, so the product is still rounded before the subtraction.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TOX_MOVE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TOX_MOVE_CLONES
+#endif
+
+TOX_MOVE_CLONES void move_rows(float* p, const float* s, const float* d, int64_t b, int64_t e, float h) {
+  for (int64_t i = b; i < e; ++i) p[i] = s[i] - d[i] * h;
+}
+
+TOX_MOVE_CLONES void move_rows(double* p, const double* s, const double* d, int64_t b, int64_t e, double h) {
+  for (int64_t i = b; i < e; ++i) p[i] = s[i] - d[i] * h;
+}
+
 template <typename scalar_t>
 void move_one(scalar_t* p, const scalar_t* s, const scalar_t* d, int64_t n, double h) {
   const scalar_t hs = static_cast<scalar_t>(h);
-  at::parallel_for(0, n, 65536, [&](int64_t b, int64_t e) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) p[i] = s[i] - d[i] * hs;
-  });
+  at::parallel_for(0, n, 65536, [&](int64_t b, int64_t e) { move_rows(p, s, d, b, e, hs); });
 }
 
 void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList direction, const at::Tensor& step) {

@@ -169,6 +169,30 @@ def test_torch_optim_closure_equals_the_probe_closure(set_to_none):
     assert opt_a.param_groups[0]["lr"] != 0.05
 
 
+def test_a_torch_closure_is_recognised_even_with_stale_gradients_at_the_first_step():
+    net_a, x, y, lossf = _mlp_problem()
+    net_b = copy.deepcopy(net_a)
+    runs = []
+    for net, stale in ((net_a, False), (net_b, True)):
+        opt = AdaptiveLRSGD(net.parameters(), lr=0.05)
+        if stale:  # gradients of some other loss lie around when training starts
+            net(torch.randn(4, 8)).sum().backward()
+
+        def closure(net=net, opt=opt):
+            opt.zero_grad()
+            loss = lossf(net(x), y)
+            loss.backward()
+            return loss
+
+        for it in range(3):
+            torch.manual_seed(it)
+            opt.step(closure)
+        runs.append(opt.param_groups[0]["lr"])
+    assert runs[0] == runs[1]
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
 def test_a_step_without_gradients_raises_instead_of_doing_nothing():
     net, x, y, lossf = _mlp_problem()
     opt = AdaptiveLRSGD(net.parameters(), lr=0.05)

@@ -25,12 +25,6 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _no_backward(*args, **kwargs) -> None:
-    """Stands in for torch.autograd.backward during the probes (which run under no_grad), so that a
-    torch.optim-style closure, which calls backward itself, can be probed unchanged."""
-    return None
-
-
 class ProbeGuard:
     """``with ProbeGuard(model, devices, params) as g: for ...: g.rewind(); loss = closure()``.
 
@@ -45,6 +39,11 @@ class ProbeGuard:
         self.device_types = sorted({d.type for d in devices})
         self.cuda_devices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
         self.warned = warn if warn is not None else {}
+
+    def _no_backward(self, *args, **kwargs) -> None:
+        """Stands in for torch.autograd.backward during the probes (which run under no_grad), so that a
+        torch.optim-style closure, which calls backward itself, can be probed unchanged; notes the call."""
+        self.saw_backward = True
 
     def _record(self, module: nn.Module) -> None:
         """Saves the buffers and flags of ``module`` and all it contains, those not saved yet."""
@@ -84,8 +83,9 @@ class ProbeGuard:
         self.grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
+        self.saw_backward = False
         self.backward = torch.autograd.backward
-        torch.autograd.backward = _no_backward
+        torch.autograd.backward = self._no_backward
         # switched off directly, not by entering torch.autocast(enabled=False): most steps run without
         # autocast, and then this costs two flag reads instead of two context managers
         self.autocast_on = [t for t in self.device_types if torch.is_autocast_enabled(t)]

@@ -114,7 +114,8 @@ class AdaptiveLRSGD(Optimizer):
     * a torch.optim closure (``zero_grad``, forward, ``backward``, return the loss), with no backward
       before ``step``: ``step`` calls it once with autograd on for the gradient, as torch's
       optimizers do, and returns its loss. Which kind is decided at the first step, by whether any
-      parameter has a ``.grad`` then.
+      parameter has a ``.grad`` then; a closure found calling ``backward`` in the probes of a step
+      that found gradients is a torch.optim closure after all, and that step starts again.
 
     The probes run the closure under ``no_grad`` and outside autocast, with ``.grad`` detached and
     ``torch.autograd.backward`` a no-op, so either kind is probed unchanged. The closure returns a
@@ -191,6 +192,7 @@ class AdaptiveLRSGD(Optimizer):
         self._eta_set = None  # the lr this optimizer last wrote, to notice outside changes
         self._warned = False
         self._warned_once = {}
+        self._probe_saw_backward = False
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -293,6 +295,7 @@ class AdaptiveLRSGD(Optimizer):
                         guard.first_probe_done()
                         guard.check_loss(f)
                     fs.append(_as_loss(f, "the closure"))
+                self._probe_saw_backward = guard.saw_backward
         finally:
             for p, w in zip(params, originals):
                 p.data = w
@@ -402,7 +405,15 @@ class AdaptiveLRSGD(Optimizer):
         if offsets is None:
             offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
         steps = offsets.mul(h).add_(eta)  # eta + j*h
-        losses = self._mean_over_ranks(self._probe(probe_fn, group, params, dirs, steps).to(device))
+        self._probe_saw_backward = False
+        probed = self._probe(probe_fn, group, params, dirs, steps)
+        if self._probe_saw_backward and not self._torch_closure and probe_fn is closure:
+            # a torch.optim closure, but gradients were there at the first step (a backward before, or
+            # zero_grad(set_to_none=False)): they may be stale. Nothing has moved yet (the probes leave
+            # no trace), so this step starts again the torch way, as will every later one.
+            self._torch_closure = True
+            return self.step(closure, val_closure)
+        losses = self._mean_over_ranks(probed.to(device))
         self.last_probe_losses = losses
 
         if on_device:

@@ -184,9 +184,12 @@ def test_a_torch_closure_is_recognised_even_with_stale_gradients_at_the_first_st
             loss.backward()
             return loss
 
+        calls = []
+        opt.register_step_post_hook(lambda *args: calls.append(1))
         for it in range(3):
             torch.manual_seed(it)
             opt.step(closure)
+        assert len(calls) == 3  # the restarted step is still one step to the optimizer's hooks
         runs.append(opt.param_groups[0]["lr"])
     assert runs[0] == runs[1]
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):

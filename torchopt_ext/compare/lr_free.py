@@ -29,7 +29,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -37,6 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from torchopt_ext._atomic import atomic_open
 from torchopt_ext.compare.data import digits
 
 LRS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -300,17 +300,8 @@ def load_runs(path: str) -> List[dict]:
 def save_runs(path: str, runs: List[dict]) -> None:
     """Atomic: a temp file in the same folder, then ``os.replace``, so an interrupted write never
     leaves a truncated runs.json behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".runs-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": 1, "runs": runs}, f, separators=(",", ":"))
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; runs.json is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        json.dump({"format": 1, "runs": runs}, f, separators=(",", ":"))
 
 
 # -- summaries and the verdict -----------------------------------------------------------------

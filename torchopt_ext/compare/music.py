@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from torchopt_ext._atomic import atomic_open
 
 KEYS = 88
 LOWEST_MIDI = 21
@@ -106,25 +107,12 @@ def cache_path(paths: Sequence[str], data_root: Optional[str] = None) -> str:
 
 
 def _save(path: str, names: List[str], rolls: List[torch.Tensor], skipped: List[str]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".bach-rolls-", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from other users
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(
-                f, format=np.array(CACHE_FORMAT), names=np.array(names, dtype=str),
-                skipped=np.array(skipped, dtype=str),
-                lengths=np.array([r.shape[0] for r in rolls], dtype=np.int64),
-                frames=(torch.cat(rolls).numpy() if rolls else np.zeros((0, KEYS), np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())
-        # readers see either no file or a complete one
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:  # readers see either no file or a complete one
+        np.savez_compressed(
+            f, format=np.array(CACHE_FORMAT), names=np.array(names, dtype=str),
+            skipped=np.array(skipped, dtype=str),
+            lengths=np.array([r.shape[0] for r in rolls], dtype=np.int64),
+            frames=(torch.cat(rolls).numpy() if rolls else np.zeros((0, KEYS), np.uint8)))
 
 
 def _load(path: str, expected: List[str]) -> Optional[Tuple[List[str], List[torch.Tensor]]]:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
 
 class ProbeGuard:
@@ -98,6 +99,20 @@ class ProbeGuard:
         torch.set_rng_state(self.cpu_rng)
         for i, state in zip(self.cuda_devices, self.cuda_rng):
             torch.cuda.set_rng_state(state, i)
+
+    def first_probe(self, probe_fn):
+        """Runs the first probe, the one that watches module calls, and returns its loss."""
+        if self.model is None:
+            with warnings.catch_warnings():
+                # torch warns that a global hook also fires for torch.compile's wrapper module;
+                # recording that module too is harmless
+                warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING)
+                loss = probe_fn()
+        else:
+            loss = probe_fn()
+        self.first_probe_done()
+        self.check_loss(loss)
+        return loss
 
     def first_probe_done(self) -> None:
         """Stops watching module calls (see the module docstring)."""

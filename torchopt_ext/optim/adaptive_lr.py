@@ -39,7 +39,7 @@ from torchopt_ext.optim.functional_probe import FunctionalProbe
 
 _OFFSETS = (-2.0, -1.0, 0.0, 1.0, 2.0)  # j of the probes f(eta + j*h)
 _METHODS = ("guarded", "newton", "first_order")
-_COMPILE_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+_AGAIN = object()  # _step's answer when the step must start again
 
 
 def _as_loss(value, where: str) -> torch.Tensor:
@@ -192,7 +192,6 @@ class AdaptiveLRSGD(Optimizer):
         self._eta_set = None  # the lr this optimizer last wrote, to notice outside changes
         self._warned = False
         self._warned_once = {}
-        self._probe_saw_backward = False
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -267,7 +266,7 @@ class AdaptiveLRSGD(Optimizer):
         originals = [p.data for p in params]
         if self.batched and hasattr(probe_fn, "batched"):
             with self._guard(group, params, probe_fn):
-                return self._probe_batched(probe_fn, params, originals, dirs, steps)
+                return self._probe_batched(probe_fn, params, originals, dirs, steps), False
         scratch = []
         for p in params:
             s = self._scratch.get(p)
@@ -283,25 +282,13 @@ class AdaptiveLRSGD(Optimizer):
                 for k, step in enumerate(steps.unbind(0)):
                     guard.rewind()
                     move(params, originals, dirs, step)
-                    if k == 0 and guard.model is None:
-                        with warnings.catch_warnings():
-                            # torch warns that a global hook also fires for torch.compile's wrapper
-                            # module; recording that module too is harmless
-                            warnings.filterwarnings("ignore", message=_COMPILE_HOOK_WARNING)
-                            f = probe_fn()
-                    else:
-                        f = probe_fn()
-                    if k == 0:
-                        guard.first_probe_done()
-                        guard.check_loss(f)
-                    fs.append(_as_loss(f, "the closure"))
-                self._probe_saw_backward = guard.saw_backward
+                    fs.append(_as_loss(guard.first_probe(probe_fn) if k == 0 else probe_fn(), "the closure"))
         finally:
             for p, w in zip(params, originals):
                 p.data = w
         if len({f.dtype for f in fs}) > 1:
-            return torch.stack([f.to(torch.float64) for f in fs])
-        return torch.stack(fs).to(torch.float64)
+            return torch.stack([f.to(torch.float64) for f in fs]), guard.saw_backward
+        return torch.stack(fs).to(torch.float64), guard.saw_backward
 
     def _probe_batched(self, probe_fn, params, originals, dirs, steps) -> torch.Tensor:
         model = probe_fn.model
@@ -375,6 +362,13 @@ class AdaptiveLRSGD(Optimizer):
             )
         group = self.param_groups[0]
         self._warn_if_overridden(group)
+        result = self._step(group, closure, val_closure, probe_fn)
+        if result is _AGAIN:  # the closure turned out to be a torch.optim closure; _torch_closure is set now
+            result = self._step(group, closure, val_closure, probe_fn)
+        return result
+
+    def _step(self, group, closure, val_closure, probe_fn):
+        """One step, or ``_AGAIN`` when a closure taken for a probe closure called backward."""
         if self._torch_closure is None:
             self._torch_closure = closure is not None and all(p.grad is None for p in group["params"])
         closure_loss = None
@@ -405,14 +399,13 @@ class AdaptiveLRSGD(Optimizer):
         if offsets is None:
             offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
         steps = offsets.mul(h).add_(eta)  # eta + j*h
-        self._probe_saw_backward = False
-        probed = self._probe(probe_fn, group, params, dirs, steps)
-        if self._probe_saw_backward and not self._torch_closure and probe_fn is closure:
+        probed, saw_backward = self._probe(probe_fn, group, params, dirs, steps)
+        if saw_backward and not self._torch_closure and probe_fn is closure:
             # a torch.optim closure, but gradients were there at the first step (a backward before, or
             # zero_grad(set_to_none=False)): they may be stale. Nothing has moved yet (the probes leave
             # no trace), so this step starts again the torch way, as will every later one.
             self._torch_closure = True
-            return self.step(closure, val_closure)
+            return _AGAIN
         losses = self._mean_over_ranks(probed.to(device))
         self.last_probe_losses = losses
 

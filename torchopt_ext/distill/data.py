@@ -1,12 +1,11 @@
 """Datasets: built-in generators and sklearn tables, or the user's CSV; standardised, split by a seed."""
-import csv
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from torchopt_ext.distill.config import DistillError
+from torchopt_ext.distill.csvread import read_csv
 
 
 @dataclass
@@ -48,52 +47,6 @@ def _builtin(name, n_samples, noise, seed):
     loader = {"iris": skd.load_iris, "wine": skd.load_wine, "breast_cancer": skd.load_breast_cancer,
               "digits": skd.load_digits}[name]
     return loader(return_X_y=True)
-
-
-def read_csv(path, target):
-    """Features as float64 and the raw target column; errors name the column and row."""
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise DistillError(f"--csv: cannot read {path}: {exc.strerror}") from None
-    if not rows or not rows[0]:
-        raise DistillError(f"--csv: {path} is empty; expected a header row then data rows")
-    header = [h.strip() for h in rows[0]]
-    if target not in header:
-        raise DistillError(f"--target: column {target!r} not in {path}; columns are {header}")
-    t = header.index(target)
-    features = [h for i, h in enumerate(header) if i != t]
-    if not features:
-        raise DistillError(f"--csv: {path} has no feature columns besides the target {target!r}")
-    x, y = [], []
-    for r, row in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in row):
-            continue  # blank line
-        if len(row) != len(header):
-            raise DistillError(f"--csv: {path} line {r} has {len(row)} fields, expected {len(header)}")
-        label = row[t].strip()
-        if label == "":
-            raise DistillError(f"--csv: missing value in target column {target!r} at line {r}")
-        y.append(label)
-        vals = []
-        for i, cell in enumerate(row):
-            if i == t:
-                continue
-            cell = cell.strip()
-            if cell == "" or cell.lower() in ("na", "nan", "null", "none"):
-                raise DistillError(f"--csv: missing value in column {header[i]!r} at line {r}; "
-                                   "expected every feature filled (impute or drop the row first)")
-            try:
-                v = float(cell)
-            except ValueError:
-                raise DistillError(f"--csv: non-numeric value {cell!r} in column {header[i]!r} at line {r}; "
-                                   "expected numbers (encode categorical features first)") from None
-            if not math.isfinite(v):
-                raise DistillError(f"--csv: non-finite value {cell!r} in column {header[i]!r} at line {r}")
-            vals.append(v)
-        x.append(vals)
-    return np.asarray(x, dtype=np.float64).reshape(len(x), len(features)), y, features
 
 
 def _class_indices(y):

@@ -2,14 +2,18 @@
 names the argument, file, line and column, a standardisation that stays finite, and the memory bound."""
 import contextlib
 import csv
+import json
 import os
 import signal
+import statistics
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+import torch
+from hypothesis import assume, given, settings, strategies as st
 
-from torchopt_ext.distill import csvread
+from csv_tables import peak_memory, write_table
+from torchopt_ext.distill import csvread, data
 from torchopt_ext.distill.config import DistillConfig, DistillError
 from torchopt_ext.distill.data import load_split, read_csv
 
@@ -243,3 +247,131 @@ def test_link_to_a_regular_file_is_followed(tmp_path):
 def test_header_only_says_no_data_rows(tmp_path, text):
     with pytest.raises(DistillError, match=r"--csv: .*t\.csv has a header but no data rows"):
         load_split(cfg(write(tmp_path, text)))
+
+
+# --- 5. standardisation ------------------------------------------------------------------------------------------
+
+def strict_json(split):
+    return json.loads(json.dumps(split.record(), allow_nan=False))
+
+
+def plain_standardise(x, train_idx):
+    """The textbook formula, in float64: constant columns divided by 1."""
+    mean, std = x[train_idx].mean(0), x[train_idx].std(0)
+    std[std == 0] = 1.0
+    return (x - mean) / std, mean, std
+
+
+@pytest.mark.parametrize("name", ["moons", "digits"])
+def test_ordinary_data_standardise_bitwise_as_the_plain_formula(name):
+    split = load_split(DistillConfig(dataset=name, steps=1, per_class=1), dtype=torch.float64)
+    x, _ = data._builtin(name, 1500, 0.1, 0)
+    z, mean, std = plain_standardise(np.asarray(x, dtype=np.float64), split.train_index)
+    assert torch.equal(split.x_train, torch.from_numpy(z[split.train_index]))
+    assert torch.equal(split.x_test, torch.from_numpy(z[split.test_index]))
+    assert split.mean == mean.tolist() and split.std == std.tolist()
+
+
+def test_statistics_in_column_blocks_match_one_block(monkeypatch):
+    x = np.random.default_rng(1).standard_normal((200, 7)) * np.logspace(-3, 3, 7) + np.arange(7)
+    idx = np.arange(0, 200, 3)
+    whole = data._train_stats(x.copy(), idx)
+    monkeypatch.setattr(data, "STATS_BLOCK_BYTES", 8 * len(idx) * 2)  # two columns per block, the last one alone
+    blocks = data._train_stats(x.copy(), idx)
+    for a, b in zip(whole, blocks):
+        np.testing.assert_allclose(b, a, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(whole[0], x[idx].mean(0), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(whole[1], x[idx].std(0), rtol=1e-14)
+
+
+def test_huge_column_standardises_to_unit_scale(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(float(s) * 1e300, float(v)) for s, v in zip(rng.choice([-1, 1], 40), rng.standard_normal(40))]
+    split = load_split(cfg(write(tmp_path, table(rows))), dtype=torch.float64)
+    rec = strict_json(split)
+    a = [rows[i][0] for i in split.train_index]
+    assert rec["mean"][0] == pytest.approx(statistics.mean(a), rel=1e-12, abs=1e-12 * 1e300)
+    assert rec["std"][0] == pytest.approx(statistics.pstdev(a), rel=1e-12)
+    za = split.x_train[:, 0]
+    torch.testing.assert_close(za.std(unbiased=False), torch.tensor(1.0, dtype=torch.float64))
+    assert za.abs().max() < 3 and torch.isfinite(split.x_test).all()
+
+
+def test_constant_column_standardises_to_exactly_zero(tmp_path):
+    split = load_split(cfg(write(tmp_path, table([(0.1, float(i)) for i in range(30)]))))
+    assert split.mean[0] == 0.1 and split.std[0] == 1.0
+    assert (split.x_train[:, 0] == 0).all() and (split.x_test[:, 0] == 0).all()
+
+
+def test_row_beyond_float32_after_standardising_names_the_column(tmp_path):
+    rows = [(float(i % 5), float(i % 3)) for i in range(30)]
+    test_row = load_split(cfg(write(tmp_path, table(rows)))).test_index[0]
+    rows[test_row] = (1.0, 1e39)  # the training rows keep the std near 1
+    path = write(tmp_path, table(rows), "far.csv")
+    with pytest.raises(DistillError, match=r"--csv .*far\.csv: column 'b' does not fit float32 once standardised: "
+                                           r"a row lies [\d.]+e\+39 training standard deviations"):
+        load_split(cfg(path))
+    split = load_split(cfg(path), dtype=torch.float64)
+    assert torch.isfinite(split.x_test).all() and split.x_test.abs().max() > 1e38
+
+
+def test_non_finite_statistics_are_refused(tmp_path, monkeypatch):
+    def overflowing(x, train_idx):
+        mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
+        std[1] = np.inf
+        return mean, std
+    monkeypatch.setattr(data, "_train_stats", overflowing)
+    with pytest.raises(DistillError, match=r"column 'b' has a mean or standard deviation beyond float64"):
+        load_split(cfg(write(tmp_path, table([(float(i), float(i)) for i in range(12)]))))
+
+
+magnitudes = st.sampled_from([0.0, 5e-324, 1e-310, 1e-300, 1e-5, 1.0, 1e10, 1e154, 1e300, 1.7976931348623157e308])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(magnitudes, st.floats(-1, 1)), min_size=2, max_size=25), st.floats(-1e300, 1e300))
+def test_train_stats_match_exact_rational_statistics(pairs, offset):
+    with np.errstate(over="ignore"):
+        col = np.array([m * f for m, f in pairs]) + offset
+    assume(np.isfinite(col).all())
+    x = np.column_stack([col, np.arange(len(col), dtype=np.float64)])
+    idx = np.arange(len(col))
+    mean, std = data._train_stats(x.copy(), idx)
+    assert np.isfinite(mean).all() and np.isfinite(std).all()
+    if col.min() == col.max():
+        assert mean[0] == col[0] and std[0] == 1.0
+        return
+    # float64 rounding of the mean bounds what the std can get right on a column of nearly equal values
+    slack = 1e-13 * float(np.abs(col).max()) + 1e-320
+    assert abs(mean[0] - statistics.mean(col.tolist())) <= slack
+    ref = statistics.pstdev(col.tolist())
+    assert abs(std[0] - ref) <= 1e-12 * ref + slack
+
+
+extreme = st.sampled_from([0.0, 1e-300, -1e-300, 5e-324, 1.0, -2.5, 1e38, 1e39, 1e300, -1e300,
+                           1.7976931348623157e308, -1.7976931348623157e308])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(extreme, extreme), min_size=12, max_size=12), st.sampled_from(["float32", "float64"]))
+def test_any_accepted_table_records_finite_json(tmp_path_factory, rows, dtype):
+    path = write(tmp_path_factory.mktemp("x"), table(rows))
+    try:
+        split = load_split(cfg(path), dtype=getattr(torch, dtype))
+    except DistillError as exc:
+        assert "column 'a'" in str(exc) or "column 'b'" in str(exc)
+        return
+    rec = strict_json(split)
+    assert all(np.isfinite(rec["mean"])) and all(np.isfinite(rec["std"]))
+    assert torch.isfinite(split.x_train).all() and torch.isfinite(split.x_test).all()
+
+
+# --- 6. memory ---------------------------------------------------------------------------------------------------
+
+def test_peak_memory_is_a_small_multiple_of_the_file(tmp_path):
+    path = str(tmp_path / "big.csv")
+    size = write_table(path, 50_000)
+    assert size > 8 << 20
+    m = peak_memory(path, timeout=300)
+    assert m["rows"] == 50_000
+    assert m["ratio"] < 5, m

@@ -1,12 +1,13 @@
 """Datasets: built-in generators and sklearn tables, or the user's CSV; standardised, split by a seed."""
-import csv
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from torchopt_ext.distill.config import DistillError
+from torchopt_ext.distill.csvread import read_csv
+
+STATS_BLOCK_BYTES = 1 << 23  # the training statistics copy this much of the table at a time
 
 
 @dataclass
@@ -50,52 +51,6 @@ def _builtin(name, n_samples, noise, seed):
     return loader(return_X_y=True)
 
 
-def read_csv(path, target):
-    """Features as float64 and the raw target column; errors name the column and row."""
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise DistillError(f"--csv: cannot read {path}: {exc.strerror}") from None
-    if not rows or not rows[0]:
-        raise DistillError(f"--csv: {path} is empty; expected a header row then data rows")
-    header = [h.strip() for h in rows[0]]
-    if target not in header:
-        raise DistillError(f"--target: column {target!r} not in {path}; columns are {header}")
-    t = header.index(target)
-    features = [h for i, h in enumerate(header) if i != t]
-    if not features:
-        raise DistillError(f"--csv: {path} has no feature columns besides the target {target!r}")
-    x, y = [], []
-    for r, row in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in row):
-            continue  # blank line
-        if len(row) != len(header):
-            raise DistillError(f"--csv: {path} line {r} has {len(row)} fields, expected {len(header)}")
-        label = row[t].strip()
-        if label == "":
-            raise DistillError(f"--csv: missing value in target column {target!r} at line {r}")
-        y.append(label)
-        vals = []
-        for i, cell in enumerate(row):
-            if i == t:
-                continue
-            cell = cell.strip()
-            if cell == "" or cell.lower() in ("na", "nan", "null", "none"):
-                raise DistillError(f"--csv: missing value in column {header[i]!r} at line {r}; "
-                                   "expected every feature filled (impute or drop the row first)")
-            try:
-                v = float(cell)
-            except ValueError:
-                raise DistillError(f"--csv: non-numeric value {cell!r} in column {header[i]!r} at line {r}; "
-                                   "expected numbers (encode categorical features first)") from None
-            if not math.isfinite(v):
-                raise DistillError(f"--csv: non-finite value {cell!r} in column {header[i]!r} at line {r}")
-            vals.append(v)
-        x.append(vals)
-    return np.asarray(x, dtype=np.float64).reshape(len(x), len(features)), y, features
-
-
 def _class_indices(y):
     # numeric labels sort numerically, others as strings, so class 0/1 keep their meaning
     raw = [str(v) for v in y]
@@ -131,13 +86,56 @@ def load_split(config, dtype=torch.float32) -> Split:
         raise DistillError(f"{source}: {len(train_idx)} training rows are fewer than the {n_syn} synthetic "
                            f"points requested (--steps {config.steps} x --per-class {config.per_class} x "
                            f"{len(classes)} classes); lower --steps or --per-class")
-    mean = x[train_idx].mean(0)
-    std = x[train_idx].std(0)
-    std[std == 0] = 1.0  # constant columns stay constant (zero) instead of dividing by zero
-    z = (x - mean) / std
-
-    def t(a, idx):
-        return torch.as_tensor(a[idx], dtype=dtype)
-
-    return Split(t(z, train_idx), torch.as_tensor(y[train_idx]), t(z, test_idx), torch.as_tensor(y[test_idx]),
+    mean, std = _train_stats(x, train_idx)
+    z = _standardised(x, mean, std, features, source, dtype)
+    del x  # the float64 table; only the run's dtype is kept
+    train, test = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return Split(z[train], torch.as_tensor(y[train_idx]), z[test], torch.as_tensor(y[test_idx]),
                  classes, features, mean.tolist(), std.tolist(), train_idx.tolist(), test_idx.tolist())
+
+
+def _train_stats(x, train_idx):
+    """Mean and (population) standard deviation (d,) of the rows train_idx of x (n, d) float64, finite for every
+    finite x; a constant column gets its value and std 1, so that it standardises to exactly zero."""
+    mean, std = np.empty(x.shape[1]), np.empty(x.shape[1])
+    step = max(1, STATS_BLOCK_BYTES // (8 * len(train_idx)))  # columns per block
+    for j in range(0, x.shape[1], step):
+        mean[j:j + step], std[j:j + step] = _block_stats(x[train_idx, j:j + step])
+    return mean, std
+
+
+def _block_stats(xt):
+    """_train_stats of the columns of xt (m, k), which it overwrites."""
+    lo, hi = xt.min(0), xt.max(0)
+    # scaling each column by a power of two is exact and keeps squares of values near 1e300 finite
+    _, e = np.frexp(np.maximum(np.abs(lo), np.abs(hi)))
+    np.ldexp(xt, -e, out=xt)
+    mean = xt.mean(0)
+    xt -= mean
+    std = np.sqrt(np.square(xt, out=xt).mean(0))
+    mean, std = np.ldexp(mean, e), np.ldexp(std, e)
+    const = lo == hi
+    mean[const], std[const] = lo[const], 1.0
+    return mean, std
+
+
+def _standardised(x, mean, std, features, source, dtype):
+    """(x - mean) / std as a tensor of dtype (x is overwritten); refuses a column whose values do not fit dtype."""
+    bad = ~(np.isfinite(mean) & np.isfinite(std))
+    if bad.any():  # split.json must hold finite numbers only
+        raise DistillError(f"{source}: column {features[int(bad.nonzero()[0][0])]!r} has a mean or standard "
+                           "deviation beyond float64 over the training rows; expected values that can be "
+                           "standardised (rescale the column)")
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        x -= mean
+        x /= std
+    z = torch.from_numpy(x).to(dtype)
+    bad = ~np.isfinite(z.numpy()).all(0)  # numpy's test needs no temporaries the size of the table
+    if bad.any():
+        j = int(bad.nonzero()[0][0])
+        worst = float(np.nanmax(np.abs(x[:, j])))
+        raise DistillError(f"{source}: column {features[j]!r} does not fit {str(dtype).replace('torch.', '')} "
+                           f"once standardised: a row lies {worst:.3g} training standard deviations from the "
+                           "training mean; expected values within range (rescale or clip the column, or run "
+                           "with --dtype float64)")
+    return z

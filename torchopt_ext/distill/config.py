@@ -11,6 +11,8 @@ HYPERGRADS = ("unroll", "implicit")
 EVAL_OPTIMIZERS = ("sgd", "implicit", "adaptive")
 ARCHS = (1, 2, 4)
 SEED_MAX = 2 ** 32 - 1  # numpy's and sklearn's seeds are 32-bit
+FLOAT_MAX = {"float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}
+ADAM_FIRST_STEP = 10  # Adam's first step is lr / (1 - beta1) with beta1 = 0.9
 # fields that change only what is drawn, not what is learned or measured: --resume may change them
 PRESENTATION_FIELDS = ("plots", "plot_steps")
 
@@ -88,8 +90,13 @@ class DistillConfig:
         need(0 < self.test_fraction < 1, "--test-fraction", "a number in (0, 1)", self.test_fraction)
         need(math.isfinite(self.noise) and self.noise >= 0, "--noise", "a finite number >= 0", self.noise)
         need(0 <= self.seed <= SEED_MAX, "--seed", f"an integer in [0, {SEED_MAX}]", self.seed)
+        need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
         positive("--lr-init", self.lr_init)
         positive("--outer-lr", self.outer_lr)
+        top = FLOAT_MAX[self.dtype]
+        need(self.lr_init <= top, "--lr-init", f"a rate that fits {self.dtype} (at most {top:.3g})", self.lr_init)
+        need(self.outer_lr * ADAM_FIRST_STEP <= top, "--outer-lr",
+             f"a rate whose Adam step fits {self.dtype} (at most {top / ADAM_FIRST_STEP:.3g})", self.outer_lr)
         if self.neumann_alpha is not None:
             positive("--neumann-alpha", self.neumann_alpha)
         need(0 < self.strategy2_decay <= 1, "--strategy2-decay", "a number in (0, 1]", self.strategy2_decay)
@@ -107,7 +114,6 @@ class DistillConfig:
         need(self.eval_optimizer in EVAL_OPTIMIZERS, "--eval-optimizer", "|".join(EVAL_OPTIMIZERS), self.eval_optimizer)
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every", "an integer >= 1",
              self.checkpoint_every)
-        need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
         return self
 
     def to_json(self) -> str:

@@ -179,10 +179,6 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
     epoch, start_iter, perm = 0, 0, None
     losses = []
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir and rank == 0 else None
-    bad = state.non_finite()
-    if bad:
-        raise DistillError(f"--lr-init: {config.lr_init} gives non-finite {', '.join(bad)} in {config.dtype}; "
-                           "expected a smaller rate")
     saved = None  # (epoch, iteration) of this restart's checkpoint on disk
     if _resume_state is not None:
         where = os.path.join(out_dir, "checkpoint.pt") if out_dir else "the checkpoint"

@@ -4,7 +4,6 @@ read-only directories, two new runs racing for one name, two ranks.
 Killed and concurrent runs are forked processes: real processes that die by a real SIGKILL, without
 paying for a fresh interpreter's imports."""
 import importlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -40,10 +39,20 @@ def fork(fn, *args, env=None, log=os.devnull):
     return p
 
 
+def join(processes, timeout):
+    """Exit codes; a process still running after ``timeout`` seconds is killed (and gives None)."""
+    codes = []
+    for p in processes:
+        p.join(timeout)
+        codes.append(p.exitcode)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+    return codes
+
+
 def run_in_child(fn, *args, env=None, log=os.devnull):
-    p = fork(fn, *args, env=env, log=log)
-    p.join(300)
-    return p.exitcode
+    return join([fork(fn, *args, env=env, log=log)], 300)[0]
 
 
 def distill_main(args):
@@ -151,8 +160,8 @@ def test_new_runs_racing_for_one_name_get_the_clean_error(tmp_path, monkeypatch,
         return real(*a, **k)
     monkeypatch.setattr(data, "load_split", rival_wins)
     assert main(["distill", "--out", out] + FAST) == 2
-    assert capsys.readouterr().err == (f"error: --out: {out} already exists; expected a new directory (nothing "
-                                       "was overwritten). Pass --resume to continue that run, or choose another --out\n")
+    assert capsys.readouterr().err == (f"error: --out: {out} already exists; expected a new directory (nothing was "
+                                       "overwritten). Pass --resume to continue that run, or choose another --out\n")
     assert os.listdir(out) == []
 
 
@@ -228,10 +237,7 @@ def _rank(rank, port, args):
 
 def two_ranks(args, log_stem):
     port = free_port()
-    ranks = [fork(_rank, r, port, args, log=f"{log_stem}{r}") for r in range(2)]
-    for p in ranks:
-        p.join(60)
-    return [p.exitcode for p in ranks]
+    return join([fork(_rank, r, port, args, log=f"{log_stem}{r}") for r in range(2)], 60)
 
 
 def test_two_ranks_only_rank0_writes_and_its_refusal_reaches_both(tmp_path):

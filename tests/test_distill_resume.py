@@ -189,7 +189,8 @@ def test_checkpoint_with_non_finite_points_is_refused(finished, tmp_path, capsys
 
 
 def test_tensor_digest_sees_every_byte_and_survives_a_round_trip(tmp_path):
-    state = {"b": torch.arange(6.0).reshape(2, 3), "a": [torch.zeros(2, dtype=torch.float64), 3], "s": torch.tensor(1.0)}
+    state = {"b": torch.arange(6.0).reshape(2, 3), "a": [torch.zeros(2, dtype=torch.float64), 3],
+             "s": torch.tensor(1.0)}
     torch.save(state, tmp_path / "x.pt")
     again = torch.load(tmp_path / "x.pt", weights_only=True)
     assert io.tensor_digest(again) == io.tensor_digest(dict(reversed(list(state.items()))))

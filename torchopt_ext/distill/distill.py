@@ -77,7 +77,8 @@ class _State:
 
     def load_state_dict(self, saved, where="the checkpoint"):
         """Loads a checkpoint's tensors; one that does not fit this configuration is refused first."""
-        fix = f"it does not fit the configuration; delete {where} to run this restart from its start, or start a new --out"
+        fix = (f"it does not fit the configuration; delete {where} to run this restart from its start, or start a "
+               "new --out")
         expected = {"points": self.points, "lr_raw": self.lr_raw}
         if self.label_logits is not None:
             expected["label_logits"] = self.label_logits

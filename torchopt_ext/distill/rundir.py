@@ -113,8 +113,10 @@ def create(out: str) -> RunLock:
 
 
 def check_resumable(out: str) -> None:
-    if not out or not os.path.isdir(out) or not os.path.isfile(os.path.join(out, CONFIG)):
-        raise DistillError(f"--resume: {out!r} is not a run directory (no {CONFIG}); expected the --out of "
+    if not out:
+        raise DistillError("--out: expected a directory path, got ''")
+    if not os.path.isdir(out) or not os.path.isfile(os.path.join(out, CONFIG)):
+        raise DistillError(f"--resume: {out} is not a run directory (no {CONFIG}); expected the --out of "
                            "an earlier run")
     if not os.access(out, os.W_OK | os.X_OK):
         raise DistillError(f"--out: {out} is not writable; --resume needs to write there")

@@ -40,8 +40,12 @@ class RunLock:
                                "directory") from None
         self._lock = lock
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with atomic_open(os.path.join(self.out, LOCK_INFO), "w", encoding="utf-8") as fh:
-            json.dump(info, fh)
+        try:
+            with atomic_open(os.path.join(self.out, LOCK_INFO), "w", encoding="utf-8") as fh:
+                json.dump(info, fh)
+        except BaseException:  # the caller gets no lock object to release
+            self.release()
+            raise
         return self
 
     def release(self) -> None:

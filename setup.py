@@ -86,7 +86,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["torchopt_ext", "torchopt_ext.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "filelock>=3.0"],  # filelock: one writer per distill --out
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm",
                  "music21"],

@@ -1,14 +1,36 @@
 """``python -m torchopt_ext distill``: distil a table, evaluate, write the set, results.md and plots."""
 import argparse
-import json
+import copy
+import dataclasses
 import os
 import sys
 import time
 
 from torchopt_ext._distributed import leave_group
-from torchopt_ext.distill.config import DATASETS, DistillConfig, DistillError
+from torchopt_ext.distill.config import DATASETS, PRESENTATION_FIELDS, DistillConfig, DistillError
 
 _D = DistillConfig()
+_FIELDS = [f.name for f in dataclasses.fields(DistillConfig)]
+
+EPILOG = """--out DIR holds: config.json (the exact configuration), split.json (the seeded split and
+standardisation), checkpoint.pt (the running restart's state, written every outer epoch and on Ctrl-C),
+distilled_r{r}.pt/.csv/_lrs.csv (each finished restart), distilled.pt/.csv/_lrs.csv (restart 0's set),
+results.md and the PNG plots, and manifest.json (size and sha256 of every file above but the checkpoint,
+written last, after the run starts, after each restart and at the end). The .pt files carry a sha256 of
+their tensors. .lock is held while a run uses DIR (a second run there is refused; a killed run's lock is
+free again), .lock.info names its holder. Every file is written to a temporary and renamed, so a crash
+leaves the old file or the new one. --resume checks DIR against manifest.json, rewrites whatever is
+missing or damaged and says what it rewrote."""
+
+
+class _Default:
+    """A parser default, told apart from the same value given on the command line."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):  # what ArgumentDefaultsHelpFormatter shows
+        return str(self.value)
 
 
 def _ints(text):
@@ -27,7 +49,7 @@ def add_parser(sub):
         "rate per inner step, so that m internal models trained on them from random initialisations do "
         "well on the real data. Then train fresh models on the result, write results.md (like the paper's "
         "Table 1), the distilled set (.pt and .csv), plots and the exact configuration to --out. "
-        "Under torchrun (gloo) the internal models are spread over ranks.")
+        "Under torchrun (gloo) the internal models are spread over ranks.", epilog=EPILOG)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=_D.dataset, choices=DATASETS,
                    help="built-in data: moons is the paper's two-moons problem (1500 points); sklearn tables "
@@ -91,33 +113,64 @@ def add_parser(sub):
                    help="train evaluation models with plain SGD, or this package's ImplicitSGD / AdaptiveLRSGD")
     g.add_argument("--baseline-steps", type=int, default=_D.baseline_steps,
                    help="full-batch Adam steps for the 'original' (whole data) row")
-    g.add_argument("--no-eval", action="store_true", help="only distil; skip evaluation, results.md and plots")
+    g.add_argument("--no-eval", action="store_true", help="only distil; skip evaluation, results.md and plots "
+                   "(this invocation only: a later --resume without it evaluates)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="distill_out", metavar="DIR",
-                   help="output directory; must not exist unless --resume")
+                   help="output directory; must not exist unless --resume, and its parent must exist")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint, with its saved configuration")
+                   help="continue the run in --out from its last checkpoint with its recorded configuration, "
+                   "rewriting any output that is missing or differs from manifest.json. Options that change "
+                   "the result must be left out or equal the recorded ones (else the resume is refused); "
+                   "--no-eval, --no-plots, --plot-steps and --no-progress apply to this invocation")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
     g.add_argument("--plot-steps", type=_ints, default=None,
-                   help="synthetic steps (0-based) to draw (default: 1st, 14th, 27th and last, like Fig. 7)")
+                   help="synthetic steps (0-based, below --steps) to draw (default: 1st, 14th, 27th and last, "
+                   "like Fig. 7)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.set_defaults(func=run)
+    for action in p._actions:  # argparse offers no other way to see which options were given
+        if action.default is not argparse.SUPPRESS:
+            action.default = _Default(action.default)
+    p.set_defaults(func=run, option_names={a.dest: a.option_strings[0] for a in p._actions if a.option_strings})
     return p
 
 
-def config_from_args(args):
-    fields = {f for f in DistillConfig.__dataclass_fields__}
-    return DistillConfig(**{k: v for k, v in vars(args).items() if k in fields}).validate()
+def config_from_values(values):
+    return DistillConfig(**{k: values[k] for k in _FIELDS}).validate()
+
+
+def _unwrap(args):
+    """(values, names given on the command line) of a parsed namespace."""
+    values, given = {}, set()
+    for key, value in vars(args).items():
+        if isinstance(value, _Default):
+            values[key] = copy.deepcopy(value.value)
+        else:
+            values[key] = value
+            given.add(key)
+    return values, given
 
 
 def run(args):
+    values, given = _unwrap(args)
     try:
-        return _run(args)
+        return _run(values, given)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None or exc.strerror is None:
+            raise
+        # the system refused a write (disk full, read-only, quota): the user's to fix, not a bug
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+        out = values.get("out") or ""
+        hint = ""
+        if out and os.path.isfile(os.path.join(out, "config.json")):
+            hint = f"; once that is fixed, continue with --resume --out {out}"
+        print(f"error: cannot write {exc.filename}: {reason}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -146,55 +199,111 @@ def _close_distributed():
         leave_group()
 
 
-def _run(args):
-    from torchopt_ext.distill import io
-    from torchopt_ext.distill.data import load_split
-    from torchopt_ext.distill.distill import distill_restarts
+def _on_rank0(rank, world, fn):
+    """fn() on rank 0 only; a failure there is raised on every rank, so that no rank waits for it."""
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+    value, box = None, [None]
+    try:
+        if rank == 0:
+            value = fn()
+    except BaseException as exc:
+        box = [str(exc) if isinstance(exc, DistillError) else f"rank 0 failed ({type(exc).__name__}: {exc})"]
+        dist.broadcast_object_list(box, src=0)
+        raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise DistillError(box[0])
+    return value
 
-    out = args.out
-    rank, world = _init_distributed()
-    if args.resume:
-        if not os.path.isdir(out) or not os.path.exists(os.path.join(out, "config.json")):
-            raise DistillError(f"--resume: {out} is not a run directory (no config.json); expected the --out of "
-                               "an earlier run")
-        config = io.load_config(os.path.join(out, "config.json")).validate()
-        print(f"resuming {out} with its saved configuration (other options are ignored)", file=sys.stderr)
+
+def _show(value):
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "default" if value is None else str(value)
+
+
+def _resumed_config(out, values, given):
+    """The recorded configuration; options given now that would change the result are refused."""
+    from torchopt_ext.distill.outputs import recorded_config
+    recorded = recorded_config(out)
+    diffs = []
+    for name in _FIELDS:
+        if name in PRESENTATION_FIELDS or name not in given or values[name] == getattr(recorded, name):
+            continue
+        opt = values["option_names"].get(name, "--" + name.replace("_", "-"))
+        if isinstance(values[name], bool):  # a flag: its presence is the value
+            diffs.append(f"{opt} (recorded: {name} = {str(getattr(recorded, name)).lower()})")
+        else:
+            diffs.append(f"{opt} {_show(values[name])} (recorded: {_show(getattr(recorded, name))})")
+    if diffs:
+        raise DistillError(f"--resume: {', '.join(diffs)} would change the result of the run recorded in "
+                           f"{os.path.join(out, 'config.json')}; leave them out to continue that run, or choose a "
+                           "new --out for a new one")
+    return dataclasses.replace(recorded, **{k: values[k] for k in PRESENTATION_FIELDS}).validate()
+
+
+def _run(values, given):
+    from torchopt_ext.distill import rundir
+
+    out, resume = values["out"], values["resume"]
+    if resume:
+        rundir.check_resumable(out)
     else:
-        config = config_from_args(args)
-        if os.path.exists(out):
-            raise DistillError(f"--out: {out} already exists; expected a new directory (nothing was "
-                               "overwritten). Pass --resume to continue that run, or choose another --out")
-    if world > 1:  # every rank has checked --out before rank 0 creates it
-        import torch.distributed as dist
-        dist.barrier()
-    import torch
-    split = load_split(config, getattr(torch, config.dtype))
-    if rank == 0 and not args.resume:
-        os.makedirs(out)
-        io.save_config(config, os.path.join(out, "config.json"))
-        with open(os.path.join(out, "split.json"), "w") as fh:
-            json.dump(split.record(), fh)
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
+        config = config_from_values(values)  # every option checked before any directory is made
+        rundir.check_new(out)
+    rank, world = _init_distributed()
+    lock = None  # rank 0's hold on --out
+    try:
+        if resume:
+            lock = _on_rank0(rank, world, lambda: rundir.open_existing(out))
+            config = _resumed_config(out, values, given)
+        import torch
+        from torchopt_ext.distill.data import load_split
+        split = load_split(config, getattr(torch, config.dtype))
+        if not resume:
+            lock = _on_rank0(rank, world, lambda: rundir.create(out))
+        return _work(config, split, values, rank, world)
+    except BaseException as exc:
+        if not resume and lock is not None and rundir.remove_if_disposable(lock):
+            lock = None
+            note = f"{out} was removed, as nothing worth keeping had been written"
+            if isinstance(exc, DistillError):
+                raise DistillError(f"{exc}; {note}") from None
+            print(note, file=sys.stderr)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _work(config, split, values, rank, world):
+    from torchopt_ext.distill.distill import distill_restarts
+    from torchopt_ext.distill.outputs import Outputs
+
+    out, resume = values["out"], values["resume"]
+    outputs = Outputs(out, resume, config, split) if rank == 0 else None
+    _on_rank0(rank, world, lambda: outputs.start())
     t0 = time.perf_counter()
-    sets = distill_restarts(config, out, progress=not args.no_progress, resume=args.resume, split=split)
+    sets = distill_restarts(config, out, progress=not values["no_progress"], resume=resume, split=split,
+                            on_restart=outputs.restart_done if outputs else None)
     t_distill = time.perf_counter() - t0
     if rank != 0:
         return 0
-    io.save_distilled(sets[0], os.path.join(out, "distilled.pt"))
+    outputs.after_restarts(sets)
     print(f"distilled {len(sets)} restart(s) in {t_distill:.1f} s -> {out}/distilled.pt, distilled.csv")
-    if args.no_eval:
-        return 0
-    from torchopt_ext.distill.evaluate import evaluate, results_markdown
-    t1 = time.perf_counter()
-    result = evaluate(sets, split, config)
-    text = results_markdown(result, config, wall_s=time.perf_counter() - t0)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(text)
-    print(text)
-    if config.plots:
-        from torchopt_ext.distill.plots import all_plots
-        all_plots(sets, split, result, result["trained"], out, config.plot_steps)
-    print(f"evaluation {time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    if not values["no_eval"] and outputs.evaluation_due(config.plots):
+        from torchopt_ext.distill.evaluate import evaluate, results_markdown
+        t1 = time.perf_counter()
+        result = evaluate(sets, split, config)
+        text = results_markdown(result, config, wall_s=time.perf_counter() - t0)
+        outputs.write_results(text)
+        print(text)
+        if config.plots:
+            from torchopt_ext.distill.plots import all_plots
+            all_plots(sets, split, result, result["trained"], out, config.plot_steps)
+        outputs.evaluated(config.plots)
+        print(f"evaluation {time.perf_counter() - t1:.1f} s; total {time.perf_counter() - t0:.1f} s")
+    outputs.summary()
     return 0

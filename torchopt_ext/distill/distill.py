@@ -70,13 +70,32 @@ class _State:
             out["label_logits"] = self.label_logits.detach().clone()
         return out
 
-    def load_state_dict(self, state):
+    def non_finite(self):
+        """Names of the learned quantities holding inf or nan (they must never be saved or returned)."""
+        parts = {"points": self.points, "learning rates": self.lrs, "labels": self.targets()}
+        return [k for k, t in parts.items() if not bool(torch.isfinite(t).all())]
+
+    def load_state_dict(self, saved, where="the checkpoint"):
+        """Loads a checkpoint's tensors; one that does not fit this configuration is refused first."""
+        fix = (f"it does not fit the configuration; delete {where} to run this restart from its start, or start a "
+               "new --out")
+        expected = {"points": self.points, "lr_raw": self.lr_raw}
+        if self.label_logits is not None:
+            expected["label_logits"] = self.label_logits
+        elif "label_logits" in saved:
+            raise DistillError(f"--resume: {where} holds learned labels but the run has no --soft-labels; {fix}")
+        for key, t in expected.items():
+            got = saved.get(key)
+            if not isinstance(got, torch.Tensor) or got.shape != t.shape or got.dtype != t.dtype:
+                desc = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else "absent"
+                raise DistillError(f"--resume: {where}: {key} is {desc}, expected {tuple(t.shape)} {t.dtype}; {fix}")
+        try:
+            self.opt.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise DistillError(f"--resume: {where}: its optimizer state does not fit ({exc}); {fix}") from None
         with torch.no_grad():
-            self.points.copy_(state["points"])
-            self.lr_raw.copy_(state["lr_raw"])
-            if self.label_logits is not None:
-                self.label_logits.copy_(state["label_logits"])
-        self.opt.load_state_dict(state["optimizer"])
+            for key, t in expected.items():
+                t.copy_(saved[key])
 
     def result(self, meta):
         return DistilledSet(self.points.detach().clone(), self.targets().detach().clone(),
@@ -160,15 +179,15 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
     iters = math.ceil(N / config.batch_size)
     epoch, start_iter, perm = 0, 0, None
     losses = []
-    if _resume_state is not None:
-        state.load_state_dict(_resume_state)
-        gen.set_state(_resume_state["generator"])
-        epoch, start_iter = int(_resume_state["epoch"]), int(_resume_state["iteration"])
-        perm = _resume_state.get("perm")
-        losses = list(_resume_state.get("losses", []))
-        if config.fixed_init:
-            fixed = [[t.to(dt) for t in th] for th in _resume_state["fixed_init"]]
     ckpt = os.path.join(out_dir, "checkpoint.pt") if out_dir and rank == 0 else None
+    saved = None  # (epoch, iteration) of this restart's checkpoint on disk
+    if _resume_state is not None:
+        where = os.path.join(out_dir, "checkpoint.pt") if out_dir else "the checkpoint"
+        state.load_state_dict(_resume_state, where)
+        epoch, start_iter, perm, fixed = _resume_position(config, _resume_state, where, iters, N, fixed, dt)
+        gen.set_state(_resume_state["generator"])
+        losses = list(_resume_state.get("losses", []))
+        saved = (epoch, start_iter)
 
     def save(ep, it, pm, gen_state):
         if ckpt is None:
@@ -180,6 +199,14 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
         if fixed is not None:
             st["fixed_init"] = fixed
         io.save_checkpoint(st, ckpt)
+        nonlocal saved
+        saved = (ep, it)
+
+    def stop(what, detail=""):
+        where = f"restart {restart}, outer epoch {epoch}, iteration {it}"
+        raise DistillError(f"{what} at {where}{detail}{_kept(ckpt, restart, saved)}; nothing was written from the "
+                           "diverged state. Try a lower --outer-lr or --lr-init, or fewer --steps/--epochs, "
+                           "in a new --out")
 
     bar = None
     if progress and rank == 0:
@@ -203,12 +230,12 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
                 finite = math.isfinite(loss) and bool(torch.isfinite(gx).all() and torch.isfinite(gp).all()
                                                       and torch.isfinite(glr).all())
                 if not finite:
-                    where = f"restart {restart}, outer epoch {epoch}, iteration {it}"
-                    kept = f"; the last good checkpoint is kept in {ckpt}" if ckpt else ""
-                    raise DistillError(f"non-finite hypergradient at {where} (outer loss {loss}){kept}. "
-                                       "Try a lower --outer-lr or --lr-init, or fewer --steps/--epochs")
-                losses.append(loss)
+                    stop("non-finite hypergradient", f" (outer loss {loss})")
                 _apply(config, state, gx, gp, glr)
+                bad = state.non_finite()
+                if bad:  # a huge outer step overflows the state while the gradient was still finite
+                    stop(f"non-finite {', '.join(bad)} after the outer step")
+                losses.append(loss)
                 resume_point = (epoch, it + 1, perm, gen.get_state())
                 if bar is not None:
                     bar.update(1)
@@ -231,23 +258,77 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
     return state.result(meta)
 
 
-def distill_restarts(config, out_dir=None, progress=True, resume=False, split=None):
-    """All --restarts; each finished restart is written to out_dir/distilled_r{r}.pt immediately."""
+def _kept(ckpt, restart, saved):
+    """Which checkpoint holds the last finite state of ``restart``, for an error message."""
+    if ckpt is None:
+        return ""
+    if saved is None:
+        return f"; no checkpoint of restart {restart} was written yet"
+    epoch, it = saved
+    at = f"after {epoch} outer epoch(s)" + (f" and {it} iteration(s)" if it else "")
+    return f"; the last good checkpoint, {ckpt}, holds restart {restart} {at}"
+
+
+def _resume_position(config, saved, where, iters, n_train, fixed, dt):
+    """(epoch, iteration, permutation, fixed initialisations) of a checkpoint, checked against the run."""
+    fix = f"delete {where} to run this restart from its start, or start a new --out"
+    epoch, it, perm = saved["epoch"], saved["iteration"], saved.get("perm")
+    if not (isinstance(epoch, int) and isinstance(it, int) and 0 <= epoch <= config.outer_epochs
+            and 0 <= it <= iters):
+        raise DistillError(f"--resume: {where}: position (outer epoch {epoch!r}, iteration {it!r}) is outside the "
+                           f"run's {config.outer_epochs} epochs x {iters} iterations; {fix}")
+    if perm is not None and not (isinstance(perm, torch.Tensor) and perm.shape == (n_train,)):
+        raise DistillError(f"--resume: {where}: its batch order does not fit the {n_train} training rows; {fix}")
+    if config.fixed_init:
+        shapes = [[tuple(t.shape) for t in th] for th in fixed]
+        got = saved.get("fixed_init")
+        if not isinstance(got, list) or [[tuple(t.shape) for t in th] for th in got] != shapes:
+            raise DistillError(f"--resume: {where}: its fixed initialisations do not fit --fixed-init; {fix}")
+        fixed = [[t.to(dt) for t in th] for th in got]
+    return epoch, it, perm, fixed
+
+
+def _check_set(ds, config, split, path):
+    """A finished restart read back for --resume must fit the configuration and be finite."""
+    B, C = config.per_class * split.n_classes, split.n_classes
+    want = {"points": (config.steps, B, split.n_features), "labels": (config.steps, B, C), "lrs": (config.n_inner,)}
+    for key, shape in want.items():
+        t = getattr(ds, key)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != _dtype(config):
+            raise DistillError(f"--resume: {path}: {key} does not fit the configuration (expected {shape} "
+                               f"{config.dtype}); delete it to run that restart again, or start a new --out")
+        if not bool(torch.isfinite(t).all()):
+            raise DistillError(f"--resume: {path}: {key} holds non-finite values; delete it to run that "
+                               "restart again, or start a new --out")
+
+
+def distill_restarts(config, out_dir=None, progress=True, resume=False, split=None, on_restart=None):
+    """All --restarts; each finished restart is written to out_dir/distilled_r{r}.pt immediately.
+
+    resume: reuse the finished restarts' files and continue from ``checkpoint.pt``.
+    on_restart(r): called (on rank 0) after restart r was computed and written.
+    """
     config.validate()
     split = load_split(config, _dtype(config)) if split is None else split
     rank, _ = _world()
     results = []
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     ckpt_state = None
-    if resume and out_dir and os.path.exists(os.path.join(out_dir, "checkpoint.pt")):
-        ckpt_state = io.load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
     for r in range(config.restarts):
         done = os.path.join(out_dir, f"distilled_r{r}.pt") if out_dir else None
         if resume and done and os.path.exists(done):
-            results.append(io.load_distilled(done))
+            ds = io.load_distilled(done)
+            _check_set(ds, config, split, done)
+            results.append(ds)
             continue
-        state = ckpt_state if ckpt_state is not None and int(ckpt_state["restart"]) == r else None
+        if resume and ckpt_state is None and os.path.exists(ckpt_path):
+            # read once: rerunning an earlier restart overwrites the file, not this copy
+            ckpt_state = io.load_checkpoint(ckpt_path)
+        state = ckpt_state if ckpt_state is not None and ckpt_state["restart"] == r else None
         ds = distill(config, out_dir, restart=r, progress=progress, split=split, _resume_state=state)
         if done and rank == 0:
             io.save_distilled(ds, done)
+            if on_restart is not None:
+                on_restart(r)
         results.append(ds)
     return results

@@ -3,6 +3,7 @@ import os
 
 import torch
 
+from torchopt_ext._atomic import atomic_open
 from torchopt_ext.distill import models
 
 
@@ -11,6 +12,14 @@ def _plt():
     matplotlib.use("Agg")  # files only: runs on machines without a display
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(fig, path):
+    try:
+        with atomic_open(path, "wb") as fh:  # a crash mid-write leaves no truncated PNG behind
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        _plt().close(fig)
 
 
 def default_steps(s):
@@ -28,8 +37,7 @@ def synthetic_points(ds, split, path, steps=None):
                    edgecolors="k", cmap="coolwarm")
         ax.set_title(f"step {k + 1} (lr {float(ds.lrs[k]):.3g})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def learned_rates(sets, path):
@@ -43,8 +51,7 @@ def learned_rates(sets, path):
     ax.set_ylabel("learned learning rate")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def decision_boundaries(trained, split, ds, path):
@@ -66,8 +73,7 @@ def decision_boundaries(trained, split, ds, path):
                        marker="*", edgecolors="k", linewidths=0.3, cmap="coolwarm")
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def training_curves(result, path):
@@ -89,19 +95,22 @@ def training_curves(result, path):
     a2.set_yscale("log")
     a1.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def file_names(n_features):
+    """The figures ``all_plots`` writes for data with ``n_features`` features."""
+    names = ["learned_rates.png", "training_curves.png"]
+    return names + (["synthetic_points.png", "decision_boundaries.png"] if n_features == 2 else [])
 
 
 def all_plots(sets, split, result, trained, out_dir, steps=None):
-    """Writes the figures into out_dir; returns their paths."""
-    paths = {"rates": os.path.join(out_dir, "learned_rates.png"),
-             "curves": os.path.join(out_dir, "training_curves.png")}
+    """Writes the figures (``file_names(split.n_features)``) into out_dir; returns their paths."""
+    paths = {key: os.path.join(out_dir, name)
+             for key, name in zip(("rates", "curves", "points", "boundaries"), file_names(split.n_features))}
     learned_rates(sets, paths["rates"])
     training_curves(result, paths["curves"])
-    if split.n_features == 2:
-        paths["points"] = os.path.join(out_dir, "synthetic_points.png")
-        paths["boundaries"] = os.path.join(out_dir, "decision_boundaries.png")
+    if "points" in paths:
         synthetic_points(sets[0], split, paths["points"], steps)
         decision_boundaries(trained, split, sets[0], paths["boundaries"])
     return paths

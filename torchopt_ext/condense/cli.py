@@ -83,7 +83,8 @@ def add_parser(sub):
     g.add_argument("--out", default="condense_out", metavar="DIR", help="output directory; must not exist "
                    "unless --resume")
     g.add_argument("--resume", action="store_true",
-                   help="reuse the finished cells in --out (same options; --method, --ipc, --no-whole may change)")
+                   help="reuse the finished cells in --out (same options; --method, --ipc, --no-whole, --whole-epochs "
+                   "may change)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.set_defaults(func=run)
     return p

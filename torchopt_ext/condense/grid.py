@@ -25,8 +25,9 @@ from torchopt_ext.condense.plots import image_grid
 from torchopt_ext.condense.report import cell_name, results_markdown
 from torchopt_ext.condense.types import ImageData, SyntheticSet
 
-# options a resumed grid may change: it may add or drop cells, nothing that changes a cell's numbers
-_GRID_FIELDS = ("methods", "ipcs", "whole")
+# options a resumed grid may change: which cells there are, and the whole-data row's epochs (its evaluation
+# is reused only when its epochs match)
+_GRID_FIELDS = ("methods", "ipcs", "whole", "whole_epochs")
 
 
 def grid_cells(config: CondenseConfig):
@@ -65,7 +66,7 @@ def _prepare_out(config: CondenseConfig, out: str, resume: bool):
     if differ:
         flags = ", ".join("--" + d.replace("_", "-") for d in differ)
         raise CondenseError(f"--resume: {flags} differ from the grid in {out} (its config.json); a resumed grid may "
-                            "only change --method, --ipc and --no-whole")
+                            "only change --method, --ipc, --no-whole and --whole-epochs")
 
 
 def _load_results(out: str):
@@ -129,8 +130,8 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
     Cell (method, ipc) runs ``METHODS[method](data, ipc, config, generator, progress)`` with the generator seeded
     by derive_seed(seed, method, ipc), then :func:`evaluate_detailed` on each evaluation net (same seeds in every
     cell, so the rows differ only by their sets). With ``resume``, ``out`` must hold a grid with the same
-    options except --method/--ipc/--no-whole; a cell whose set loads is not re-run, and its evaluation is reused
-    when results.json has it for every evaluation net.
+    options except --method/--ipc/--no-whole/--whole-epochs; a cell whose set loads is not re-run, and its
+    evaluation is reused when results.json has it for every evaluation net with the same epochs.
     """
     config.validate()
     methods = load_methods()
@@ -162,7 +163,9 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
 def _run_cell(config, data, fn, method, ipc, name, out, previous, progress):
     pt, png = os.path.join(out, "cells", name + ".pt"), os.path.join(out, "cells", name + ".png")
     syn = load_set(pt, data) if os.path.isfile(pt) else None
-    if syn is not None and previous is not None and set(previous.get("eval", {})) >= set(config.test_nets):
+    epochs = (config.whole_epochs or config.eval_epochs) if method == "whole" else config.eval_epochs
+    old = (previous or {}).get("eval", {})
+    if syn is not None and all(old.get(n, {}).get("epochs") == epochs for n in config.test_nets):
         record = dict(previous, eval={n: previous["eval"][n] for n in config.test_nets}, reused=True)
     else:
         record = {"method": method, "ipc": ipc, "file": os.path.relpath(pt, out), "png": os.path.relpath(png, out)}
@@ -174,7 +177,6 @@ def _run_cell(config, data, fn, method, ipc, name, out, previous, progress):
             save_set(syn, pt)
         else:   # the set survived an interrupted evaluation
             record["method_wall_s"] = (previous or {}).get("method_wall_s", 0.0)
-        epochs = (config.whole_epochs or config.eval_epochs) if method == "whole" else config.eval_epochs
         record["eval"] = {n: evaluate_detailed(syn, data, n, config.eval_models, epochs, config.seed,
                                                config.eval_optimizer, config.use_learned_lrs, progress,
                                                config.width, config.depth) for n in config.test_nets}

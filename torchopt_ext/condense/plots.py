@@ -18,25 +18,24 @@ def image_grid(syn: SyntheticSet, data: ImageData, path: str, per_class: int = 1
     hard = syn.hard_labels
     rows = [torch.nonzero(hard == c).flatten()[:per_class] for c in range(data.n_classes)]
     cols = max(1, max(len(r) for r in rows))
-    fig, axes = plt.subplots(data.n_classes, cols, figsize=(0.8 * cols + 1.2, 0.8 * data.n_classes + 0.4),
-                             squeeze=False)
+    c_in, h, w = data.shape
+    channels = 3 if c_in == 3 else 1
+    # one mosaic with a 1-pixel white gap between images: one imshow instead of a grid of axes
+    mosaic = torch.ones(data.n_classes * (h + 1) - 1, cols * (w + 1) - 1, channels, dtype=torch.float64)
     for c, idx in enumerate(rows):
-        pixels = to_pixels(data, syn.images[idx]) if len(idx) else None
-        for j in range(cols):
-            ax = axes[c][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for side in ax.spines.values():
-                side.set_visible(False)
-            if j == 0:
-                ax.set_ylabel(data.classes[c], rotation=0, ha="right", va="center", fontsize=8)
-            if pixels is None or j >= len(idx):
-                continue
-            img = pixels[j]
-            if img.shape[0] == 3:
-                ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
-            else:
-                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        if len(idx):
+            pixels = to_pixels(data, syn.images[idx])[:, :channels].permute(0, 2, 3, 1)
+            for j in range(len(idx)):
+                mosaic[c * (h + 1):c * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = pixels[j]
+    fig, ax = plt.subplots(figsize=(0.45 * cols * max(w, 8) / 8 + 1.0, 0.45 * data.n_classes * max(h, 8) / 8 + 0.5))
+    if channels == 3:
+        ax.imshow(mosaic.numpy(), interpolation="nearest")
+    else:
+        ax.imshow(mosaic[..., 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([c * (h + 1) + (h - 1) / 2 for c in range(data.n_classes)], data.classes, fontsize=8)
+    for side in ax.spines.values():
+        side.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=9)
     with atomic_open(path, "wb") as fh:

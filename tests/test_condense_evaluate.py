@@ -110,6 +110,19 @@ def test_evaluate_is_seeded_and_learns(digits, ten):
     assert evaluate_set(wrong, digits, "convnet", n_models=1, epochs=30, width=8)[0] < 0.1
 
 
+def test_each_net_has_its_own_initialisation(digits, ten, monkeypatch):
+    import torchopt_ext.condense.evaluate as ev
+    from torchopt_ext.condense.config import derive_seed
+    seeds = []
+
+    def spy(name, shape, k, seed, *a, **kw):
+        seeds.append(seed)
+        return seeded_net(name, shape, k, seed, *a, **kw)
+    monkeypatch.setattr(ev, "seeded_net", spy)
+    evaluate_set(ten, digits, "mlp", n_models=3, epochs=1, width=4, seed=5)
+    assert seeds == [derive_seed(5, "mlp", j) for j in range(3)] and len(set(seeds)) == 3
+
+
 def test_detailed_numbers(digits, ten):
     r = evaluate_detailed(ten, digits, "mlp", n_models=3, epochs=2, width=8)
     assert len(r["wall_s"]) == 3 and all(w > 0 for w in r["wall_s"])

@@ -48,10 +48,11 @@ def add_parser(sub):
     g.add_argument("--zca", action="store_true", help="ZCA-whiten the standardised images (fitted on the training "
                    "part, eigenvalues + 0.1 x their mean)")
     g = p.add_argument_group("the grid")
-    g.add_argument("--method", dest="methods", type=_words, default=_D.methods,
+    g.add_argument("--method", dest="methods", type=_words, default=",".join(_D.methods),
                    help=f"comma-separated methods: {methods}")
-    g.add_argument("--ipc", dest="ipcs", type=_ints, default=_D.ipcs, help="comma-separated images per class")
-    g.add_argument("--no-whole", dest="whole", action="store_false",
+    g.add_argument("--ipc", dest="ipcs", type=_ints, default=",".join(str(k) for k in _D.ipcs),
+                   help="comma-separated images per class")
+    g.add_argument("--no-whole", dest="whole", action="store_false", default=argparse.SUPPRESS,
                    help="leave out the whole-training-data row (included by default)")
     g = p.add_argument_group("networks")
     g.add_argument("--net", default=_D.net, help="the net methods distil with: " + ", ".join(NETS))

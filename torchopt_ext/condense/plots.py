@@ -27,7 +27,7 @@ def image_grid(syn: SyntheticSet, data: ImageData, path: str, per_class: int = 1
             pixels = to_pixels(data, syn.images[idx])[:, :channels].permute(0, 2, 3, 1)
             for j in range(len(idx)):
                 mosaic[c * (h + 1):c * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = pixels[j]
-    fig, ax = plt.subplots(figsize=(0.45 * cols * max(w, 8) / 8 + 1.0, 0.45 * data.n_classes * max(h, 8) / 8 + 0.5))
+    fig, ax = plt.subplots(figsize=(0.5 * cols + 1.2, 0.5 * data.n_classes + 0.4))
     if channels == 3:
         ax.imshow(mosaic.numpy(), interpolation="nearest")
     else:
@@ -37,8 +37,8 @@ def image_grid(syn: SyntheticSet, data: ImageData, path: str, per_class: int = 1
     for side in ax.spines.values():
         side.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=9)
+        ax.set_title(title, fontsize=9)
     with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=80, bbox_inches="tight")
+        fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -10,6 +10,7 @@ import importlib
 COMMANDS = {
     "bench": "torchopt_ext.bench.cli",
     "compare": "torchopt_ext.compare.cli",
+    "condense": "torchopt_ext.condense.cli",
     "distill": "torchopt_ext.distill.cli",
 }
 

@@ -24,6 +24,8 @@ class ImageData:
     std: list
     zca: bool = False
     split: dict = field(default_factory=dict)   # how the split was made (indices or "the files' own split")
+    zca_mean: Optional[torch.Tensor] = None     # (C*H*W,) and (C*H*W, C*H*W) when zca: whitened = (x - mean) W
+    zca_matrix: Optional[torch.Tensor] = None
 
     @property
     def n_classes(self) -> int:

@@ -14,3 +14,20 @@ def register(name: str):
         METHODS[name] = fn
         return fn
     return deco
+
+
+# the method modules, imported by load_methods(); a module not written yet is skipped
+MODULES = ("baselines", "dd", "ld", "gtn", "kip")
+
+
+def load_methods() -> Dict[str, Callable]:
+    """Import every method module that exists (each registers its methods) and return ``METHODS``."""
+    import importlib
+    for module in MODULES:
+        path = f"{__name__}.{module}"
+        try:
+            importlib.import_module(path)
+        except ModuleNotFoundError as exc:
+            if exc.name != path:   # the module exists but one of its imports is missing: say so
+                raise
+    return METHODS

@@ -10,6 +10,7 @@ from torchopt_ext.condense.methods import METHODS
 from torchopt_ext.condense.methods import _bilevel as B
 from torchopt_ext.condense.methods import dd, gtn, ld  # noqa: F401  (registers them)
 from torchopt_ext.distill.config import DistillError
+from torchopt_ext.distill.models import one_thread
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +19,8 @@ def small_nets(monkeypatch):
     monkeypatch.setattr(B, "build_net", lambda config, data: F.make_net(
         getattr(config, "net", "convnet"), data.shape, data.n_classes, getattr(config, "net_width", 16)
     ).to(data.x_train.dtype))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

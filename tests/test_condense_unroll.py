@@ -11,6 +11,13 @@ from torchopt_ext.distill import models
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops on a shared machine: two intra-op threads mostly wait on each other."""
+    with models.one_thread():
+        yield
+
+
 def problem(net_kind="conv", s=3, B=4, n=7, K=3, shape=(1, 6, 6), models_=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

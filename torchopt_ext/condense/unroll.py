@@ -155,15 +155,13 @@ def unroll_hypergrad(net: torch.nn.Module, params0, x_syn: Batches, y_syn: Batch
 def _reverse(net, theta, buffers, xs, ys, etas, outer_loss, K, gx, gy, glr, weight):
     """One net: forward keeping checkpoints, L, then the reverse loop; adds weight * gradients in place."""
     s, n = len(xs), len(etas)
-    kept, held, peak = {}, 0, 0
+    every = K >= n                 # no checkpointing: the forward keeps every theta_k for the reverse loop
+    kept, held, peak = {}, 0, 0    # k -> theta_k at segment starts
     segment = {}                   # k -> theta_k of the segment being reversed
     for k in range(n):
-        if k % K == 0:
-            kept[k] = theta
+        if every or k % K == 0:
+            (segment if every else kept)[k] = theta
             held += _nbytes(theta)
-        if K >= n:                 # no checkpointing: every theta_k is kept by the forward
-            segment[k] = theta
-            held += _nbytes(theta) if k % K else 0
         theta = _step(net, theta, buffers, xs[k % s], ys[k % s], etas[k])
         peak = max(peak, held)
 
@@ -174,7 +172,7 @@ def _reverse(net, theta, buffers, xs, ys, etas, outer_loss, K, gx, gy, glr, weig
     v = [weight * t for t in v]
     for c in reversed(range(0, n, K)):
         end = min(c + K, n)
-        if K < n:                  # recompute theta_c .. theta_{end-1} from the checkpoint
+        if not every:              # recompute theta_c .. theta_{end-1} from the checkpoint
             th = kept.pop(c)
             held -= _nbytes(th)
             for k in range(c, end):

@@ -29,7 +29,7 @@ class BilevelOptions:
     outer_lr: float = 0.01         # Adam's step on the images (or the generator)
     label_lr: float = 0.01         # Adam's step on the label logits
     lr_lr: float = 0.01            # Adam's step on rho, eta = softplus(rho)
-    lr_init: float = 0.01          # eta of every inner step at the start
+    lr_init: float = 0.1           # eta of every inner step at the start
     learn_lrs: bool = True         # learn one eta per inner step
     soft_labels: bool = False      # learn labels: y~ = softmax(logits), logits start near one-hot
     models: int = 1                # internal nets per outer iteration (L averaged over them)

@@ -9,16 +9,16 @@ of condense.unroll) with Adam.
 
 Options (``config.dd_<name>``; see _bilevel.BilevelOptions for the shared ones):
     init          "real" (default): start from random real images of each class; "noise": N(0, 1) in the
-                  standardised space, as in the paper.
+                  standardised space.
     steps = 1, epochs = 10: one batch of ipc images per class, seen 10 times with 10 learned rates, so the
                   set holds ipc images per class like every other method (steps > 1 multiplies the
                   budget: each step has its own ipc per class, as in the paper's MNIST setting).
-    outer_iters = 200, outer_lr = 0.01, lr_init = 0.01 (Adam; the rates start at eta = 0.01), models = 1,
+    outer_iters = 200, outer_lr = 0.01 (Adam), lr_init = 0.1 (the rates start at eta = 0.1), models = 1,
     batch_real = 256, soft_labels = False, learn_lrs = True, checkpoint_every = None.
 
-Differs from the paper: real-image init by default (noise converges far more slowly on the standardised
-digits); the inner net uses its normalisation layers in train mode with batch statistics (the paper's
-LeNet/AlexNet have none); Adam instead of the paper's SGD-with-momentum on x~; no learned momentum.
+Differs from the paper: x~ starts from random real images by default (``init="noise"`` is the paper's
+start); the default is one step of ipc images per class seen 10 times, so the budget equals the other
+methods' ipc; the inner net's normalisation layers run in train mode with batch statistics.
 """
 from __future__ import annotations
 

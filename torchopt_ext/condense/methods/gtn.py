@@ -10,7 +10,7 @@ phi (and z). The SyntheticSet holds G's output for the final z: ipc images per c
 
 Options (``config.gtn_<name>``; the shared ones in _bilevel.BilevelOptions): noise_dim = 32,
 gen_width = 64 (channels of G's first map), learn_noise = True, outer_lr = 0.001 (Adam on phi and z),
-steps = 1, epochs = 10, outer_iters = 200, lr_init = 0.01, learn_lrs = True, soft_labels = False (labels
+steps = 1, epochs = 10, outer_iters = 200, lr_init = 0.1, learn_lrs = True, soft_labels = False (labels
 are G's conditioning classes), models = 1, fixed_init = False, batch_real = 256.
 
 Differs from the paper: its learner is also weight-normalised and it learns the inner momentum; here the

@@ -7,7 +7,7 @@ without the image derivative): n = steps * epochs SGD steps from a fresh theta_0
 fixed rates lr_init unless ``ld_learn_lrs``; cross-entropy on a random real batch as the outer loss.
 
 Options (``config.ld_<name>``; the shared ones in _bilevel.BilevelOptions): steps = 1, epochs = 10,
-outer_iters = 200, label_lr = 0.05 (Adam on the logits), lr_init = 0.01, learn_lrs = False, models = 1,
+outer_iters = 200, label_lr = 0.05 (Adam on the logits), lr_init = 0.1, learn_lrs = False, models = 1,
 fixed_init = False, batch_real = 256, checkpoint_every = None. soft_labels must stay True.
 
 Differs from the paper: the paper's second-order version takes one inner step per label update and keeps

@@ -9,7 +9,7 @@ import torch
 from torchopt_ext.condense.kernels import relu_kernels_reference
 from torchopt_ext.condense.methods import METHODS
 from torchopt_ext.condense.methods.kip import (KIPOptions, centred_one_hot, initial_support, kip, kip_loss,
-                                               krr_accuracy, probabilities)
+                                               krr_accuracy)
 from torchopt_ext.condense.types import ImageData, SyntheticSet
 from torchopt_ext.distill.config import DistillError
 
@@ -118,16 +118,8 @@ def test_learned_labels(digits):
     syn = run(digits, ipc=1, iterations=10, target_batch=300, learn_labels=True, init="noise", lr=0.05)
     y = torch.tensor(syn.meta["krr_labels"], dtype=DT)
     assert not torch.allclose(y, centred_one_hot(torch.arange(10), 10))    # the targets moved
-    torch.testing.assert_close(syn.labels.sum(1), torch.ones(10))
-    torch.testing.assert_close(syn.labels, probabilities(y).float())
+    torch.testing.assert_close(syn.labels, torch.eye(10))                   # networks get the one-hot class
     assert syn.meta["krr_acc"] == krr_accuracy(syn, digits)                 # scored with the learned targets
-
-
-def test_probabilities_undo_the_centring():
-    y = centred_one_hot(torch.tensor([2, 0, 1]), 3)
-    torch.testing.assert_close(probabilities(y), torch.eye(3, dtype=DT)[[2, 0, 1]])
-    soft = probabilities(torch.tensor([[0.5, 0.0, -1.0], [-1.0, -1.0, -1.0]], dtype=DT))
-    torch.testing.assert_close(soft, torch.tensor([[5 / 7, 2 / 7, 0.0], [1.0, 0.0, 0.0]], dtype=DT))
 
 
 def test_registered_and_bad_options(digits):

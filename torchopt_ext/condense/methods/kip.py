@@ -15,11 +15,11 @@ the ridge solve (Cholesky) run in float64. Adam (lr ``lr``) updates the support 
 when ``learn_labels``.
 
 Labels: the regression targets are one-hot rows centred by -1/K (the reference code's ``one_hot(...,
-center=True)``), fixed unless ``learn_labels``. The returned SyntheticSet's ``labels`` undo the centring:
-max(y + 1/K, 0) renormalised per row, which is exactly the one-hot class when labels are fixed and a
-probability row close to the learned target when they are learned (networks are trained with
-cross-entropy on probability rows); the raw KRR targets are kept in ``meta["krr_labels"]`` for
-:func:`krr_accuracy`.
+center=True)``), fixed unless ``learn_labels``. The returned SyntheticSet's ``labels`` are the one-hot
+class of each support image in both cases, and learned targets go to ``meta["krr_labels"]`` for
+:func:`krr_accuracy`: a learned target is only meaningful to KRR (its scale and cross-class terms
+trade off against K_SS^-1), and turning it into probabilities (max(y + 1/K, 0) renormalised) made
+ConvNets trained on digits at ipc 1 drop from 84% to 46% test accuracy, against 84% with one-hot rows.
 
 What is learned: the support images x~ (ipc per class, class-major order), and y~ with ``learn_labels``.
 Defaults (:class:`KIPOptions`): NTK, depth 1 (FC1), sigma_w^2 = 2, sigma_b^2 = 0.01 (the reference code's
@@ -104,14 +104,6 @@ def centred_one_hot(y: torch.Tensor, n_classes: int, dtype=KRR_DTYPE) -> torch.T
     return torch.nn.functional.one_hot(y, n_classes).to(dtype) - 1.0 / n_classes
 
 
-def probabilities(y_krr: torch.Tensor) -> torch.Tensor:
-    """(M, K) KRR targets -> probability rows: max(y + 1/K, 0) normalised (one-hot - 1/K maps to one-hot)."""
-    p = (y_krr + 1.0 / y_krr.shape[1]).clamp_min(0)
-    s = p.sum(1, keepdim=True)
-    fallback = torch.nn.functional.one_hot(y_krr.argmax(1), y_krr.shape[1]).to(p.dtype)
-    return torch.where(s > 0, p / s.clamp_min(torch.finfo(p.dtype).tiny), fallback)
-
-
 def krr_fit(k_ss: torch.Tensor, y_s: torch.Tensor, reg: float) -> torch.Tensor:
     """alpha = (K_SS + reg tr(K_SS)/|S| I)^-1 y_S by Cholesky; k_ss (M, M), y_s (M, K) -> (M, K)."""
     m = k_ss.shape[0]
@@ -173,14 +165,18 @@ def initial_support(data: ImageData, ipc: int, init: str, generator: torch.Gener
 @register("kip")
 def kip(data: ImageData, ipc: int, config=None, generator: Optional[torch.Generator] = None,
         progress: bool = False) -> SyntheticSet:
-    """Learn ipc images per class by KIP; see the module docstring for the loss, defaults and meta."""
+    """Learn ipc images per class by KIP (module docstring: loss, defaults, meta).
+
+    Returns images (K * ipc, C, H, W) class-major in data.x_train's dtype and labels (K * ipc, K).
+    """
     opts = KIPOptions.from_config(config)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     k = data.n_classes
     x_s = initial_support(data, ipc, opts.init, generator).to(KRR_DTYPE).requires_grad_()
-    y_s = centred_one_hot(torch.arange(k).repeat_interleave(ipc), k).requires_grad_(opts.learn_labels)
-    init = SyntheticSet(x_s.detach().to(data.x_train.dtype), probabilities(y_s.detach()),
-                        meta={"kip": dataclasses.asdict(opts)})
+    classes = torch.arange(k).repeat_interleave(ipc)
+    y_s = centred_one_hot(classes, k).requires_grad_(opts.learn_labels)
+    one_hot = torch.nn.functional.one_hot(classes, k).to(data.x_train.dtype)
+    init = SyntheticSet(x_s.detach().to(data.x_train.dtype), one_hot, meta={"kip": dataclasses.asdict(opts)})
     krr_acc_init = krr_accuracy(init, data)
     start = time.perf_counter()
     # a small step is a few hundred tiny ops: on a shared machine OpenMP barriers, not flops, dominate
@@ -189,7 +185,7 @@ def kip(data: ImageData, ipc: int, config=None, generator: Optional[torch.Genera
         steps, losses = _learn(data, x_s, y_s, opts, generator, progress, ipc)
     wall = time.perf_counter() - start
     y_final = y_s.detach()
-    syn = SyntheticSet(x_s.detach().to(data.x_train.dtype), probabilities(y_final).to(data.x_train.dtype),
+    syn = SyntheticSet(x_s.detach().to(data.x_train.dtype), one_hot,
                        meta={"method": "kip", "ipc": ipc, "kip": dataclasses.asdict(opts),
                              "loss_steps": steps, "losses": losses, "wall_s": wall})
     if opts.learn_labels:

@@ -12,6 +12,8 @@ from torchopt_ext.condense.grid import run_grid
 from torchopt_ext.condense.methods import METHODS, load_methods
 from torchopt_ext.condense.types import SyntheticSet
 
+from image_files import write_idx_set
+
 TINY = ["--dataset", "digits", "--width", "4", "--eval-models", "2", "--eval-epochs", "2", "--threads", "1",
         "--no-progress"]
 
@@ -149,14 +151,21 @@ def _bad_idx(tmp_path):
     (["--dataset", "cifar10", "--data-root", "{tmp}"], "--data-root: .* lacks data_batch_1"),
     ("bad_idx", "train-images-idx3-ubyte: truncated in the header"),
     (["--depth", "4"], r"--net convnet: images of shape \(1, 8, 8\) are too small for 4 conv blocks"),
-    (["--eval-nets", "lenet,mlp", "--dataset", "mnist", "--data-root", "{tmp}"], "--data-root"),
+    ("tiny_idx", r"--eval-nets lenet: images of shape \(1, 3, 3\) are too small"),
     (["--eval-models", "0"], "--eval-models: expected an integer >= 1"),
     (["--whole-epochs", "0"], "--whole-epochs"),
     (["--eval-optimizer", "adam"], None),   # argparse's own choices error
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, args, match):
     out = tmp_path / "out"
-    args = _bad_idx(tmp_path) if args == "bad_idx" else [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args == "bad_idx":
+        args = _bad_idx(tmp_path)
+    elif args == "tiny_idx":   # 3x3 images: mlp takes them, lenet does not
+        write_idx_set(str(tmp_path), side=3)
+        args = ["--dataset", "mnist", "--data-root", str(tmp_path), "--net", "mlp", "--eval-nets", "mlp,lenet",
+                "--ipc", "1"]
+    else:
+        args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     base = ["condense", "--width", "4", "--eval-models", "1", "--eval-epochs", "1", "--no-progress", "--out", str(out)]
     if match is None:
         with pytest.raises(SystemExit) as info:

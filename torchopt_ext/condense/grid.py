@@ -40,8 +40,9 @@ def grid_cells(config: CondenseConfig):
 
 def _check_inputs(config: CondenseConfig, data: ImageData):
     """Every error a bad option can raise, before any file is written."""
-    for name in dict.fromkeys([config.net] + config.test_nets):
-        make_net(name, data.shape, data.n_classes, config.width, config.depth)
+    make_net(config.net, data.shape, data.n_classes, config.width, config.depth)
+    for name in config.test_nets:
+        make_net(name, data.shape, data.n_classes, config.width, config.depth, arg="--eval-nets")
     if any(m != "whole" for m in config.methods):
         for k in config.ipcs:
             check_ipc(data, k)

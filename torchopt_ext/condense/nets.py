@@ -35,18 +35,18 @@ def default_depth(shape: Sequence[int]) -> int:
     return min(3, int(math.floor(math.log2(min(shape[1], shape[2])))) - 1)
 
 
-def _check_shape(name, shape):
+def _check_shape(name, shape, arg):
     if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise CondenseError(f"--net {name}: expected images of shape (C, H, W), got {tuple(shape)}")
+        raise CondenseError(f"{arg} {name}: expected images of shape (C, H, W), got {tuple(shape)}")
 
 
-def _convnet(shape, n_classes, width, depth, batch_norm):
+def _convnet(shape, n_classes, width, depth, batch_norm, arg):
     name = "convnet_bn" if batch_norm else "convnet"
     c, h, w = shape
     if depth is None:
         depth = default_depth(shape)
     if depth < 1 or min(h, w) < 2 ** depth:
-        raise CondenseError(f"--net {name}: images of shape {tuple(shape)} are too small for {max(depth, 1)} "
+        raise CondenseError(f"{arg} {name}: images of shape {tuple(shape)} are too small for {max(depth, 1)} "
                             f"conv blocks (each halves the side; need H, W >= {2 ** max(depth, 1)})")
     layers = []
     for _ in range(depth):
@@ -65,10 +65,10 @@ def _mlp(shape, n_classes, width, depth):
     return ImageNet(nn.Sequential(*layers), nn.Linear(d, n_classes))
 
 
-def _lenet(shape, n_classes):
+def _lenet(shape, n_classes, arg):
     c, h, w = shape
     if min(h, w) < LENET_MIN:
-        raise CondenseError(f"--net lenet: images of shape {tuple(shape)} are too small; expected H, W >= "
+        raise CondenseError(f"{arg} lenet: images of shape {tuple(shape)} are too small; expected H, W >= "
                             f"{LENET_MIN}")
     # LeNet-5 takes 32x32 unpadded; smaller images are padded by 2 (MNIST's 28 -> 32, as in the paper)
     pad1 = 0 if min(h, w) >= 32 else 2
@@ -82,7 +82,8 @@ def _lenet(shape, n_classes):
     return ImageNet(features, nn.Linear(84, n_classes))
 
 
-def make_net(name: str, shape: Sequence[int], n_classes: int, width: int = 128, depth: Optional[int] = None) -> ImageNet:
+def make_net(name: str, shape: Sequence[int], n_classes: int, width: int = 128, depth: Optional[int] = None,
+             arg: str = "--net") -> ImageNet:
     """A freshly initialised net (torch's default init, from the global random stream) for (C, H, W) images.
 
     convnet: ``depth`` blocks of [conv3x3 pad 1 (width) -> instance norm (GroupNorm(width, width), affine)
@@ -90,16 +91,17 @@ def make_net(name: str, shape: Sequence[int], n_classes: int, width: int = 128, 
     with BatchNorm2d. mlp: flatten, ``depth`` (default 2) hidden layers of ``width`` relu units, linear head.
     lenet: conv5x5 (6) -> relu -> maxpool2 -> conv5x5 (16) -> relu -> maxpool2 -> fc 120 -> relu -> fc 84
     -> relu, linear head; padding as in :func:`_lenet`; ``width`` and ``depth`` do not apply.
+    Errors name ``arg``, the option that chose the net (``--net`` or ``--eval-nets``).
     """
     if name not in NETS:
-        raise CondenseError(f"--net: expected one of {', '.join(NETS)}, got {name!r}")
+        raise CondenseError(f"{arg}: expected one of {', '.join(NETS)}, got {name!r}")
     shape = tuple(int(s) for s in shape)
-    _check_shape(name, shape)
+    _check_shape(name, shape, arg)
     if name in ("convnet", "convnet_bn"):
-        return _convnet(shape, n_classes, width, depth, batch_norm=name == "convnet_bn")
+        return _convnet(shape, n_classes, width, depth, name == "convnet_bn", arg)
     if name == "mlp":
         return _mlp(shape, n_classes, width, depth)
-    return _lenet(shape, n_classes)
+    return _lenet(shape, n_classes, arg)
 
 
 def seeded_net(name: str, shape: Sequence[int], n_classes: int, seed: int, width: int = 128,

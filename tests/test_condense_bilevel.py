@@ -17,7 +17,7 @@ from torchopt_ext.distill.models import one_thread
 def small_nets(monkeypatch):
     """The fixtures' nets (condense.nets may not exist yet) on one thread (tiny ops, shared cores)."""
     monkeypatch.setattr(B, "build_net", lambda config, data: F.make_net(
-        getattr(config, "net", "convnet"), data.shape, data.n_classes, getattr(config, "net_width", 16)
+        getattr(config, "net", "convnet"), data.shape, data.n_classes, getattr(config, "width", 16)
     ).to(data.x_train.dtype))
     with one_thread():
         yield
@@ -33,7 +33,7 @@ def tiny():
 
 
 def config(method, **opts):
-    return types.SimpleNamespace(net="convnet", net_width=8, **{f"{method}_{k}": v for k, v in opts.items()})
+    return types.SimpleNamespace(net="convnet", width=8, **{f"{method}_{k}": v for k, v in opts.items()})
 
 
 def run(method, data, ipc=1, seed=0, **opts):
@@ -157,12 +157,12 @@ def test_generator_output_shapes():
 
 
 @pytest.mark.parametrize("method, bad, match", [
-    ("dd", dict(init="zeros"), "dd_init"),
-    ("dd", dict(outer_iters=0), "dd_outer_iters"),
-    ("dd", dict(lr_init=-1.0), "dd_lr_init"),
-    ("dd", dict(checkpoint_every=0), "dd_checkpoint_every"),
-    ("ld", dict(soft_labels=False), "ld_soft_labels"),
-    ("gtn", dict(noise_dim=1), "gtn_noise_dim"),
+    ("dd", dict(init="zeros"), "--dd-init"),
+    ("dd", dict(outer_iters=0), "--dd-outer-iters"),
+    ("dd", dict(lr_init=-1.0), "--dd-lr-init"),
+    ("dd", dict(checkpoint_every=0), "--dd-checkpoint-every"),
+    ("ld", dict(soft_labels=False), "--ld-soft-labels"),
+    ("gtn", dict(noise_dim=1), "--gtn-noise-dim"),
 ])
 def test_bad_options_name_the_option(method, bad, match, tiny):
     with pytest.raises(DistillError, match=match):
@@ -180,7 +180,7 @@ def test_with_the_pipeline_nets(tiny, monkeypatch):
     """Once condense.nets lands: dd runs with the real ConvNet builder."""
     nets = pytest.importorskip("torchopt_ext.condense.nets")
     monkeypatch.undo()
-    s = dd.dd(tiny, 1, types.SimpleNamespace(net="convnet", net_width=8, dd_outer_iters=2),
+    s = dd.dd(tiny, 1, types.SimpleNamespace(net="convnet", width=8, dd_outer_iters=2),
               torch.Generator().manual_seed(0))
     assert s.images.shape == (10, 1, 8, 8) and nets is not None
 

@@ -155,6 +155,9 @@ def _bad_idx(tmp_path):
     (["--eval-models", "0"], "--eval-models: expected an integer >= 1"),
     (["--whole-epochs", "0"], "--whole-epochs"),
     (["--eval-optimizer", "adam"], None),   # argparse's own choices error
+    (["--method", "dd", "--dd-outer-iters", "0"], "--dd-outer-iters: expected a positive integer"),
+    (["--method", "kip", "--kip-kernel", "rbf"], "--kip-kernel: expected one of nngp, ntk"),
+    (["--method", "gtn", "--gtn-learn-noise", "maybe"], None),   # not a bool: argparse's type error
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, args, match):
     out = tmp_path / "out"
@@ -199,3 +202,20 @@ def test_config_validation_and_round_trip():
                      (dict(seed=-1), "--seed"), (dict(methods=["random", "random"]), "--method")]:
         with pytest.raises(CondenseError, match=flag):
             CondenseConfig(**kw).validate()
+
+
+def test_method_flags_reach_the_method_and_the_recorded_command():
+    args = build_parser().parse_args(["condense", "--method", "dd,kip", "--dd-outer-iters", "7", "--dd-init",
+                                      "noise", "--kip-learn-labels", "true", "--dd-checkpoint-every", "none"])
+    from torchopt_ext.condense.cli import config_from_args
+    from torchopt_ext.condense.methods import OPTIONS
+    cfg = config_from_args(args)
+    assert cfg.options == {"dd_outer_iters": 7, "dd_init": "noise", "kip_learn_labels": True,
+                           "dd_checkpoint_every": None}
+    dd = OPTIONS["dd"].from_config(cfg, "dd")
+    assert (dd.outer_iters, dd.init, dd.checkpoint_every, dd.epochs) == (7, "noise", None, 10)
+    assert OPTIONS["kip"].from_config(cfg, "kip").learn_labels is True
+    assert CondenseConfig.from_json(cfg.to_json()) == cfg
+    assert "--dd-outer-iters 7" in cfg.command("o") and "--kip-learn-labels True" in cfg.command("o")
+    with pytest.raises(CondenseError, match="--dd-nope"):
+        CondenseConfig(methods=["dd"], options={"dd_nope": 1}).validate()

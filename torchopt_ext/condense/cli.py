@@ -80,6 +80,7 @@ def add_parser(sub):
     g = p.add_argument_group("method options")
     g.add_argument("--herding-space", default=_D.herding_space, choices=HERDING_SPACES,
                    help="herding's feature space: features of a randomly initialised --net, or standardised pixels")
+    _add_method_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="condense_out", metavar="DIR", help="output directory; must not exist "
                    "unless --resume")
@@ -91,9 +92,62 @@ def add_parser(sub):
     return p
 
 
+def _typed(default):
+    """A parser for an option whose default is ``default``: bools take true/false, None takes none or a number."""
+    def parse(text):
+        low = text.strip().lower()
+        if isinstance(default, bool):
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if default is None and low == "none":
+            return None
+        kind = type(default) if default is not None else (int if low.lstrip("-").isdigit() else float)
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+    return parse
+
+
+def _field_comments(cls):
+    """name -> the trailing comment of its line in the dataclass (and its bases): the option's meaning,
+    written once beside its default."""
+    import inspect
+    import re
+    out = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _add_method_options(p):
+    """One flag --<method>-<name> per field of each method's options dataclass."""
+    from torchopt_ext.condense.methods import OPTIONS
+    for method, cls in sorted(OPTIONS.items()):
+        g = p.add_argument_group(f"{method} options")
+        meaning = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            g.add_argument(f"--{method}-{f.name.replace('_', '-')}", dest=f"opt:{method}_{f.name}",
+                           type=_typed(default), default=argparse.SUPPRESS, metavar="V",
+                           help=f"{meaning.get(f.name, '')} (default: {default})".strip())
+
+
 def config_from_args(args) -> CondenseConfig:
     names = {f.name for f in dataclasses.fields(CondenseConfig)}
-    return CondenseConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()
+    values = vars(args)
+    options = {k[4:]: v for k, v in values.items() if k.startswith("opt:")}
+    return CondenseConfig(**{k: v for k, v in values.items() if k in names}, options=options).validate()
 
 
 def run(args):

@@ -49,9 +49,16 @@ class CondenseConfig:
     seed: int = 0
     dtype: str = "float32"
     threads: Optional[int] = None        # torch intra-op threads; default: evaluate.compute_threads's choice
-    # per-method options: each method adds its fields here, prefixed by its name (dd_..., kip_...),
-    # with a range check in validate() and a flag in cli.py
     herding_space: str = "features"
+    # the methods' own options, ``<method>_<name>`` -> value (flags --<method>-<name>); the fields and
+    # defaults are the methods' option dataclasses (methods.OPTIONS), read as attributes of this config
+    options: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(name)
 
     @property
     def test_nets(self) -> List[str]:
@@ -102,6 +109,14 @@ class CondenseConfig:
         need(isinstance(self.seed, int) and self.seed >= 0, "--seed", "an integer >= 0", self.seed)
         need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
         need(self.threads is None or positive_int(self.threads), "--threads", "an integer >= 1", self.threads)
+        need(isinstance(self.options, dict), "config options", "a mapping", self.options)
+        from torchopt_ext.condense.methods import OPTIONS
+        known = {f"{m}_{f.name}" for m, cls in OPTIONS.items() for f in dataclasses.fields(cls)}
+        for key in self.options:
+            need(key in known, "--" + str(key).replace("_", "-"), "a method option listed in --help", key)
+        for m in self.methods:  # range-check every chosen method's options before anything is written
+            if m in OPTIONS:
+                OPTIONS[m].from_config(self, m)
         need(self.herding_space in HERDING_SPACES, "--herding-space", " or ".join(HERDING_SPACES),
              self.herding_space)
         return self
@@ -125,6 +140,10 @@ class CondenseConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value == getattr(default, f.name):
+                continue
+            if f.name == "options":
+                for key, v in sorted(value.items()):
+                    words += ["--" + key.replace("_", "-"), str(v)]
                 continue
             flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
             if isinstance(value, bool):

@@ -4,14 +4,17 @@
 ``generator``: a seeded torch.Generator that makes the run reproducible; ``progress``: show tqdm.
 Methods register themselves with :func:`register`; ``METHODS`` maps names to functions.
 """
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 METHODS: Dict[str, Callable] = {}
+OPTIONS: Dict[str, type] = {}   # method -> the dataclass of its options (``config.<method>_<name>``)
 
 
-def register(name: str):
+def register(name: str, options: Optional[type] = None):
     def deco(fn):
         METHODS[name] = fn
+        if options is not None:
+            OPTIONS[name] = options
         return fn
     return deco
 

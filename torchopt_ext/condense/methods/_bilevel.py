@@ -48,14 +48,14 @@ class BilevelOptions:
     def validate(self, prefix: str):
         for name in ("steps", "epochs", "outer_iters", "models", "batch_real"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise DistillError(f"{prefix}_{name}: expected a positive integer, got {getattr(self, name)!r}")
+                raise DistillError(f"--{prefix}-{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)!r}")
         for name in ("outer_lr", "label_lr", "lr_lr", "lr_init"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise DistillError(f"{prefix}_{name}: expected a positive number, got {v!r}")
+                raise DistillError(f"--{prefix}-{name.replace('_', '-')}: expected a positive number, got {v!r}")
         if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
                                                   or self.checkpoint_every < 1):
-            raise DistillError(f"{prefix}_checkpoint_every: expected a positive integer or None, "
+            raise DistillError(f"--{prefix}-checkpoint-every: expected a positive integer or None, "
                                f"got {self.checkpoint_every!r}")
 
     @property
@@ -64,10 +64,10 @@ class BilevelOptions:
 
 
 def build_net(config, data: ImageData) -> torch.nn.Module:
-    """The run's architecture (config.net, .net_width, .net_depth), in the data's dtype."""
+    """The run's architecture (config.net, .width, .depth), in the data's dtype."""
     from torchopt_ext.condense.nets import make_net
     net = make_net(getattr(config, "net", "convnet"), data.shape, data.n_classes,
-                   width=getattr(config, "net_width", 128), depth=getattr(config, "net_depth", None))
+                   width=getattr(config, "width", 128), depth=getattr(config, "depth", None))
     return net.to(data.x_train.dtype)
 
 
@@ -88,7 +88,7 @@ def draw_params(config, data: ImageData, generator: torch.Generator, m: int) -> 
 def class_layout(n_classes: int, ipc: int, steps: int) -> torch.Tensor:
     """(s, ipc * K) class of every synthetic image: each step holds ipc images of class 0, then 1, ..."""
     if not isinstance(ipc, int) or ipc < 1:
-        raise DistillError(f"ipc: expected a positive integer (images per class), got {ipc!r}")
+        raise DistillError(f"--ipc: expected a positive integer (images per class), got {ipc!r}")
     return torch.arange(n_classes).repeat_interleave(ipc).expand(steps, -1).contiguous()
 
 
@@ -100,7 +100,7 @@ def real_images(data: ImageData, classes: torch.Tensor, generator: torch.Generat
         where = torch.nonzero(flat == c).flatten()
         pool = torch.nonzero(data.y_train == c).flatten()
         if pool.numel() < where.numel():
-            raise DistillError(f"ipc: class {data.classes[c]} has {pool.numel()} training images, "
+            raise DistillError(f"--ipc: class {data.classes[c]} has {pool.numel()} training images, "
                                f"{where.numel()} requested")
         out[where] = data.x_train[pool[torch.randperm(pool.numel(), generator=generator)[:where.numel()]]]
     return out.reshape(classes.shape + data.shape)
@@ -183,8 +183,8 @@ def outer_loop(data: ImageData, config, opts: BilevelOptions, generator: torch.G
             try:
                 losses.append(hypergradient(net, thetas, outer, batches, rates, opts, need_x))
             except FloatingPointError as e:
-                raise DistillError(f"{name}: {e} at outer iteration {it}; try a lower {name}_outer_lr or "
-                                   f"{name}_lr_init") from None
+                raise DistillError(f"{name}: {e} at outer iteration {it}; try a lower --{name}-outer-lr or "
+                                   f"--{name}-lr-init") from None
             opt.step()
             if bar is not None:
                 bar.update(1)

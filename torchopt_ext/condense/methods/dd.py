@@ -39,10 +39,10 @@ class DDOptions(B.BilevelOptions):
     def validate(self, prefix: str):
         super().validate(prefix)
         if self.init not in ("real", "noise"):
-            raise DistillError(f"{prefix}_init: expected 'real' or 'noise', got {self.init!r}")
+            raise DistillError(f"--{prefix}-init: expected 'real' or 'noise', got {self.init!r}")
 
 
-@register("dd")
+@register("dd", options=DDOptions)
 def dd(data: ImageData, ipc: int, config, generator: torch.Generator, progress: bool = False) -> SyntheticSet:
     opts = DDOptions.from_config(config, "dd")
     dt = data.x_train.dtype

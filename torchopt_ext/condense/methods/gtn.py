@@ -54,19 +54,19 @@ class Generator(nn.Module):
 
 @dataclass
 class GTNOptions(B.BilevelOptions):
-    outer_lr: float = 0.001
-    noise_dim: int = 32
-    gen_width: int = 64
-    learn_noise: bool = True
+    outer_lr: float = 0.001           # Adam's step on the generator (and its noise)
+    noise_dim: int = 32              # z: noise inputs of the generator
+    gen_width: int = 64              # channels of the generator's conv layers
+    learn_noise: bool = True          # learn the noise too (the paper's full curriculum)
 
     def validate(self, prefix: str):
         super().validate(prefix)
         for name in ("noise_dim", "gen_width"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 2:
-                raise DistillError(f"{prefix}_{name}: expected an integer >= 2, got {getattr(self, name)!r}")
+                raise DistillError(f"--{prefix}-{name.replace('_', '-')}: expected an integer >= 2, got {getattr(self, name)!r}")
 
 
-@register("gtn")
+@register("gtn", options=GTNOptions)
 def gtn(data: ImageData, ipc: int, config, generator: torch.Generator, progress: bool = False) -> SyntheticSet:
     opts = GTNOptions.from_config(config, "gtn")
     dt = data.x_train.dtype

@@ -73,9 +73,9 @@ class KIPOptions:
     b_var: float = 0.01          # sigma_b^2
 
     @classmethod
-    def from_config(cls, config) -> "KIPOptions":
+    def from_config(cls, config, prefix: str = "kip") -> "KIPOptions":
         defaults = cls()
-        return cls(**{f.name: getattr(config, "kip_" + f.name, getattr(defaults, f.name))
+        return cls(**{f.name: getattr(config, f"{prefix}_{f.name}", getattr(defaults, f.name))
                       for f in dataclasses.fields(cls)}).validate()
 
     def validate(self) -> "KIPOptions":
@@ -163,7 +163,7 @@ def initial_support(data: ImageData, ipc: int, init: str, generator: torch.Gener
                       for c in range(data.n_classes)])
 
 
-@register("kip")
+@register("kip", options=KIPOptions)
 def kip(data: ImageData, ipc: int, config=None, generator: Optional[torch.Generator] = None,
         progress: bool = False) -> SyntheticSet:
     """Learn ipc images per class by KIP (module docstring: loss, defaults, meta).

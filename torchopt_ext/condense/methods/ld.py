@@ -37,11 +37,11 @@ class LDOptions(B.BilevelOptions):
     def validate(self, prefix: str):
         super().validate(prefix)
         if self.soft_labels is not True:
-            raise DistillError(f"{prefix}_soft_labels: label distillation learns the labels; expected True, "
+            raise DistillError(f"--{prefix}-soft-labels: label distillation learns the labels; expected True, "
                                f"got {self.soft_labels!r}")
 
 
-@register("ld")
+@register("ld", options=LDOptions)
 def ld(data: ImageData, ipc: int, config, generator: torch.Generator, progress: bool = False) -> SyntheticSet:
     opts = LDOptions.from_config(config, "ld")
     dt = data.x_train.dtype

@@ -49,6 +49,8 @@ def ib_alpha(
     Returns alpha with pre's shape and dtype: theta_j+ = theta_j/(1 + eta mu) - eta sum alpha z.
     float16/bfloat16 are computed in float32. NaN or Inf in an element of pre/grad_out (or in a
     sample's z_sqnorm) makes only that element's (that sample's) alpha NaN.
+
+    alpha is not differentiable; inputs are treated as constants (the result never requires grad).
     """
     act = _act.get(activation)
     eta = scalar_arg("lr", lr, positive=True)

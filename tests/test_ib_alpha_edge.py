@@ -67,3 +67,71 @@ def test_opcheck_with_inputs_that_require_grad(name):
                           (q.requires_grad_(), b, z, 0.1, 0.01, act.kind, knots, coef))
 
 
+# ---------------------------------------------------------------------------------------------
+# learning rates and weight decays beyond float32's range
+
+EXTREME_LR = [1e30, 1e38, 1e39, 1e300]
+EXTREME_WD = [0.0, 1e-300, 1e-30, 1e-3, 1e30, 1e300]
+
+
+def extreme_inputs(dtype):
+    """Ordinary values and extremes (none on a jump of alpha), every (q, b) pair, in rows of
+    z_sqnorm from 1 (a bias's 1 alone) to 1e20; |b| <= 1e30, so that no alpha leaves float32's
+    range (|alpha| <= 1.5 |b|)."""
+    vq = torch.tensor([-3e38, -1e30, -2.7, -1e-30, 0.0, 1e-30, 0.7, 3.0, 1e10, 1e30, 3e38], dtype=torch.float64)
+    vb = torch.tensor([-1e30, -1e10, -2.5, -1e-30, 0.0, 1e-30, 0.7, 3.0, 1e10, 1e30], dtype=torch.float64)
+    q, b = torch.meshgrid(vq, vb, indexing="ij")
+    q, b = q.reshape(1, -1).expand(4, -1), b.reshape(1, -1).expand(4, -1)
+    z = torch.tensor([1.0, 5.0, 1e10, 1e20], dtype=torch.float64)
+    return q.contiguous().to(dtype), b.contiguous().to(dtype), z.to(dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_lr_and_weight_decay_match_the_reference(name, dtype):
+    q, b, z = extreme_inputs(dtype)
+    act = act_of(name)
+    for lr in EXTREME_LR:
+        for wd in EXTREME_WD:
+            a = ib_alpha(q, b, z, lr, wd, act)
+            ref = ib_alpha_reference(q.double(), b.double(), z.double(), lr, wd, act)
+            finite = torch.isfinite(ref)
+            where = f"{name} {dtype} lr={lr:g} wd={wd:g}"
+            assert torch.equal(torch.isfinite(a), finite), where
+            assert_matches(a[finite], ref[finite].to(dtype), b[finite], dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["relu", "identity"])
+@pytest.mark.parametrize("lr", [1e-3, 3.0] + EXTREME_LR)
+@pytest.mark.parametrize("wd", [0.0, 0.1, 1e30])
+def test_float32_relu_and_identity_are_exact_to_a_few_ulps(name, lr, wd):
+    """The closed forms run in float32 on row constants computed in double (and in double for a
+    row whose constants leave float32's normal range): a few roundings from the float64 result,
+    relative, down to float32's smallest normal number."""
+    q, b, z = extreme_inputs(torch.float32)
+    g = torch.Generator().manual_seed(1)
+    q = torch.cat([q, (torch.randn(4, 300, generator=g) * 3).float()], 1)
+    b = torch.cat([b, torch.randn(4, 300, generator=g).float()], 1)
+    a = ib_alpha(q, b, z, lr, wd, name).double()
+    ref = ib_alpha_reference(q.double(), b.double(), z.double(), lr, wd, name)
+    err = (a - ref).abs()
+    bound = 4 * 2.0**-24 * ref.abs() + 2 * 1.1754943508222875e-38
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+@needs_ext
+def test_extreme_lr_keeps_nan_to_its_own_elements():
+    q, b, z = inputs(shape=(4, 6), dtype=torch.float32)
+    q[1, 2] = float("nan")
+    z[3] = float("nan")
+    bad = torch.zeros(4, 6, dtype=torch.bool)
+    bad[1, 2] = True
+    bad[3] = True
+    for name in NAMES:
+        for lr in (1e39, 1e300):
+            a = ib_alpha(q, b, z, lr, 0.0, act_of(name))
+            assert torch.isnan(a[bad]).all() and torch.isfinite(a[~bad]).all(), (name, lr)
+
+

@@ -121,6 +121,29 @@ def test_float32_relu_and_identity_are_exact_to_a_few_ulps(name, lr, wd):
     assert bool((err <= bound).all()), float((err / bound).max())
 
 
+@pytest.mark.parametrize("fn", [pytest.param(ib_alpha, marks=needs_ext), ib_alpha_reference])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_arctan_far_from_the_origin_takes_its_one_real_root(fn, dtype):
+    """With b and q of opposite signs (c <= 0 after the flip to b >= 0) the cubic has exactly one
+    real root; beyond |q| ~ 1e8 its discriminant is rounding noise, whose sign must not send the
+    solve to the three-root form. Checked on the equation itself: alpha (1 + (q - tau alpha)^2) = b."""
+    if fn is ib_alpha_reference and dtype == torch.float32:
+        pytest.skip("the reference computes in float64 whatever the dtype")
+    g = torch.Generator().manual_seed(5)
+    n = 2000
+    b = 10 ** (torch.rand(n, 1, generator=g, dtype=torch.float64) * 8 - 4)
+    b = torch.where(torch.rand(n, 1, generator=g) < 0.5, -b, b)
+    q = -torch.sign(b) * 10 ** (torch.rand(n, 1, generator=g, dtype=torch.float64) * 4 + 8)  # 1e8 to 1e12
+    z = torch.rand(n, generator=g, dtype=torch.float64) * 4 + 1
+    q, b, z = q.to(dtype), b.to(dtype), z.to(dtype)
+    for lr in (1e-3, 1.0, 1e4, 1e9, 1e12, 1e30):
+        a = fn(q, b, z, lr, 0.0, "arctan").double()
+        tau = lr * z.double().unsqueeze(1)
+        residual = a * (1 + (q.double() - tau * a) ** 2) - b.double()
+        tol = 1e-9 if dtype == torch.float64 else 1e-6
+        assert bool((residual.abs() <= tol * b.double().abs()).all()), (lr, float((residual / b.double()).abs().max()))
+
+
 @needs_ext
 def test_extreme_lr_keeps_nan_to_its_own_elements():
     q, b, z = inputs(shape=(4, 6), dtype=torch.float32)

@@ -190,19 +190,22 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   const T p3 = T(1.0 / 3.0) - c2 * T(1.0 / 9.0);                    // p/3
   const T h = c * (c2 * T(1.0 / 27.0) + T(1.0 / 3.0)) - T(0.5) * bb * tau;  // r/2
   const T disc = h * h + p3 * p3 * p3;
+  // c <= 0 has one real root (phi'(v) = 1 + w (c - 3 tau v) >= 1, both factors <= 0), so disc >= 0;
+  // but h^2 and -p3^3 both grow as c^6/729 and cancel to about c^4/27, and beyond |c| ~ 1e8 the
+  // computed disc is rounding noise of either sign, on which the trigonometric form takes a wrong root
+  const bool one_root = (disc >= T(0)) | (c <= T(0));
   T t;
 #ifdef TOX_BRANCHLESS_CARDANO
   // Both forms for every element, then a select: with vector cbrt/acos/cos (glibc's libmvec, see
   // csrc/cpu/ib_alpha_cpu_avx2.cpp) the loop vectorises, and computing the unused form costs less
   // than a scalar loop. The unused form gets harmless arguments (libmvec takes a slow scalar path
   // for NaN or |arg| > 1): disc 0 for Cardano, and h = 0, p3 = -1 (arg 0) for the trig form.
-  const bool one_root = disc >= T(0);
-  const T t_one = cardano_one_root(h, one_root ? disc : T(0), p3);
+  const T t_one = cardano_one_root(h, disc >= T(0) ? disc : T(0), p3);
   const T t_three = cardano_three_roots(one_root ? T(0) : h, one_root ? T(-1) : p3);
   t = one_root ? t_one : t_three;
 #else
-  if (disc >= T(0))
-    t = cardano_one_root(h, disc, p3);
+  if (one_root)
+    t = cardano_one_root(h, disc >= T(0) ? disc : T(0), p3);
   else
     t = cardano_three_roots(h, p3);
 #endif

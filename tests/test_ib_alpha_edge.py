@@ -2,13 +2,16 @@
 requires grad), learning rates and weight decays beyond float32's range (the compiled kernel
 finite and accurate wherever the float64 reference is), and meta or fake (FakeTensorMode) inputs
 (shape, dtype and device through the op's fake kernel, no value read)."""
+import importlib
 import warnings
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import torchopt_ext
 from test_ib_alpha_op import NAMES, act_of, assert_matches, inputs
+from torchopt_ext import activations
 from torchopt_ext.ops import ib_alpha, ib_alpha_reference
 
 needs_ext = pytest.mark.skipif(not torchopt_ext.extension_available(), reason="compiled extension not built")
@@ -158,3 +161,74 @@ def test_extreme_lr_keeps_nan_to_its_own_elements():
             assert torch.isnan(a[bad]).all() and torch.isfinite(a[~bad]).all(), (name, lr)
 
 
+# ---------------------------------------------------------------------------------------------
+# meta and fake inputs
+
+
+def meta_inputs(shape, dtype):
+    return (torch.empty(shape, dtype=dtype, device="meta"), torch.empty(shape, dtype=dtype, device="meta"),
+            torch.empty(shape[:-1], dtype=dtype, device="meta"))
+
+
+@pytest.mark.parametrize("fn", [ib_alpha, ib_alpha_reference])
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_meta_inputs_give_a_meta_result(fn, name, dtype):
+    q, b, z = meta_inputs((3, 7, 5), dtype)
+    for lr in (0.1, torch.tensor(0.1, device="meta")):
+        a = fn(q, b, z, lr, 0.01, act_of(name))
+        assert a.is_meta and a.shape == (3, 7, 5) and a.dtype == dtype and a.is_contiguous()
+    # a non-contiguous view, inputs that require grad: still a contiguous meta result, no grad
+    qt, bt = q.transpose(0, 1).requires_grad_(), b.transpose(0, 1)
+    a = fn(qt, bt, z.t(), 0.1, 0.0, act_of(name))
+    assert a.is_meta and a.shape == (7, 3, 5) and a.is_contiguous() and not a.requires_grad
+
+
+@needs_ext
+def test_meta_inputs_go_through_the_fake_kernel(monkeypatch):
+    module = importlib.import_module("torchopt_ext.ops.ib_alpha")  # (the package's ib_alpha is the function)
+    seen = []
+    monkeypatch.setattr(module, "_alpha_like", lambda pre: seen.append(pre.shape) or torch.empty_like(pre))
+    a = ib_alpha(*meta_inputs((4, 3), torch.float32), 0.1, 0.0, act_of("fitted_sigmoid"))
+    assert a.is_meta and seen == [(4, 3)]
+
+
+@pytest.mark.parametrize("fn", [ib_alpha, ib_alpha_reference])
+def test_meta_inputs_still_have_their_shapes_and_numbers_checked(fn):
+    q, b, z = meta_inputs((4, 3), torch.float32)
+    with pytest.raises(ValueError, match="grad_out must have pre's shape"):
+        fn(q, b[:, :2], z, 0.1)
+    with pytest.raises(ValueError, match="z_sqnorm must have shape"):
+        fn(q, b, z[:2], 0.1)
+    with pytest.raises(TypeError, match="share one dtype"):
+        fn(q, b.double(), z, 0.1)
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
+        fn(q, b, z, -1.0)
+    with pytest.raises(ValueError, match="weight_decay must be finite and >= 0"):
+        fn(q, b, z, 0.1, float("inf"))
+    with pytest.raises(ValueError, match="one device"):
+        fn(q, b, torch.ones(4), 0.1)
+
+
+@pytest.mark.parametrize("fn", [ib_alpha, ib_alpha_reference])
+def test_a_tensor_lr_without_a_value_is_refused_for_real_inputs(fn):
+    q, b, z = inputs(shape=(4, 3))
+    with pytest.raises(ValueError, match="lr must be a number or a tensor with a value"):
+        fn(q, b, z, torch.tensor(0.1, device="meta"))
+
+
+@pytest.mark.parametrize("fn", [ib_alpha, ib_alpha_reference])
+@pytest.mark.parametrize("name", NAMES)
+def test_fake_tensor_mode(fn, name):
+    act = activations.PiecewiseCubic.fit(torch.tanh, -3, 3, 6) if name == "fitted_sigmoid" else act_of(name)
+    real_lr = torch.tensor(0.2)
+    with FakeTensorMode():
+        q, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+        z = torch.rand(6, dtype=torch.float64) + 1
+        for lr in (0.2, real_lr, torch.tensor(0.2)):
+            a = fn(q, b, z, lr, 0.01, act)
+            assert is_fake(a) and a.shape == (6, 4) and a.dtype == torch.float64 and a.device.type == "cpu"
+    # nothing fake was left in the activation's cache of tables: the real call still works
+    assert not any(is_fake(t) for tables in act._tables.values() for t in tables)
+    q, b, z = inputs(shape=(6, 4))
+    torch.testing.assert_close(fn(q, b, z, 0.2, 0.01, act), ib_alpha_reference(q, b, z, 0.2, 0.01, act))

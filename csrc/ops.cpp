@@ -1,5 +1,6 @@
 // Operator schemas of torchopt_ext (TORCH_LIBRARY) and the Python module torchopt_ext._C.
-// Kernels register themselves per device in csrc/cpu/*.cpp and csrc/*_cuda.cpp.
+// Kernels register themselves per device in csrc/cpu/*.cpp and csrc/*_cuda.cpp; ib_alpha's
+// Autograd kernel is here.
 #include <torch/extension.h>
 
 #include "torchopt_ext/flop_counter.h"
@@ -66,6 +67,20 @@ int64_t ib_alpha_flops_float32(int64_t kind) {
   return FlopCounter::count();
 }
 
+// ib_alpha's Autograd kernel: the op below autograd, so that its output does not require grad.
+// alpha is not differentiable (a solver output used inside the layers' custom backward); with no
+// Autograd kernel the output would claim to require grad and backward would leave every .grad None.
+at::Tensor ib_alpha_autograd(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm,
+                             double lr, double weight_decay, int64_t kind, const at::Tensor& knots,
+                             const at::Tensor& coefficients) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchopt_ext::ib_alpha", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                                         int64_t, const at::Tensor&, const at::Tensor&)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(pre, grad_out, z_sqnorm, lr, weight_decay, kind, knots, coefficients);
+}
+
 }  // namespace torchopt_ext
 
 TORCH_LIBRARY(torchopt_ext, m) {
@@ -81,6 +96,8 @@ TORCH_LIBRARY(torchopt_ext, m) {
       "implicit_linear_backward(Tensor x, Tensor weight, Tensor? bias, Tensor q, Tensor grad_y, float eta, "
       "float mu, bool maximize, int kind, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(torchopt_ext, Autograd, m) { m.impl("ib_alpha", &torchopt_ext::ib_alpha_autograd); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchopt_ext compiled kernels; the operators live in torch.ops.torchopt_ext";

@@ -81,11 +81,12 @@ def test_flops_are_counted():
     fitted = PiecewiseCubic.fit(torch.tanh, -3, 3, 8)
     assert fitted.flops > f["smoothstep"]  # O(M): more pieces, more work
     # the float32 fast paths, counted the same way: hardtanh/smoothstep are closed forms with
-    # fewer operations than the float64 candidate search; arctan adds its certificate and a step
+    # fewer operations than the float64 candidate search; arctan's Newton steps and certificate
+    # cost about what the float64 solve's cubic does
     f32 = {n: activations.get(n).flops_float32 for n in activations.NAMES}
     assert f32["relu"] is None and f32["identity"] is None and fitted.flops_float32 is None
     assert f32["hardtanh"] < f["hardtanh"] and f32["smoothstep"] < f["smoothstep"]
-    assert f["arctan"] < f32["arctan"] < 2 * f["arctan"]
+    assert f["arctan"] <= f32["arctan"] < 2 * f["arctan"]
 
 
 def test_validation_errors():

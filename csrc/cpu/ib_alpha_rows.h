@@ -8,24 +8,48 @@
 
 #include "torchopt_ext/ib_alpha_fast32.h"
 
-// relu and identity stay in the input precision (and vectorise); the cubic solvers run in double,
-// where tau^2 and the cubic's coefficients cannot overflow.
+// relu and identity stay in the input precision (and vectorise) on their row constants, computed
+// in double (in double too, for a row whose constants do not fit the input precision); the cubic
+// solvers run in double, where tau^2 and the cubic's coefficients cannot overflow.
 #define TOX_DEFINE_ALPHA_ROWS(FN)                                                                      \
+  template <int64_t KIND, typename acc_t, typename scalar_t>                                           \
+  static void FN##_linear_row(const scalar_t* p, const scalar_t* g, scalar_t* o, int64_t m, acc_t z,   \
+                              const tm::LinearRow<acc_t> row) {                                        \
+    _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                              \
+      o[j] = static_cast<scalar_t>(                                                                    \
+          tm::alpha_linear<KIND, acc_t>(static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), z, row));  \
+    }                                                                                                  \
+  }                                                                                                    \
+  template <int64_t KIND, typename scalar_t>                                                           \
+  static void FN##_linear(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
+                          int64_t r0, int64_t r1, int64_t m, double lr, double wd) {                   \
+    for (int64_t r = r0; r < r1; ++r) {                                                                \
+      const tm::LinearRow<double> row = tm::linear_row<double>(lr, wd, static_cast<double>(zsq[r]));   \
+      if (tm::linear_row_fits<scalar_t>(row))                                                          \
+        FN##_linear_row<KIND, scalar_t>(pre + r * m, grad + r * m, out + r * m, m, zsq[r],             \
+                                        tm::linear_row_as<scalar_t>(row));                             \
+      else                                                                                             \
+        FN##_linear_row<KIND, double>(pre + r * m, grad + r * m, out + r * m, m,                       \
+                                      static_cast<double>(zsq[r]), row);                               \
+    }                                                                                                  \
+  }                                                                                                    \
   template <int64_t KIND, typename scalar_t>                                                           \
   static void FN##_exact(const scalar_t* pre, const scalar_t* grad, const scalar_t* zsq, scalar_t* out, \
                         int64_t r0, int64_t r1, int64_t m, double lr, double wd, int64_t M,            \
                         const double* knots, const double* coef) {                                     \
-    using acc_t = std::conditional_t<KIND == tm::kRelu || KIND == tm::kIdentity, scalar_t, double>;    \
-    const acc_t eta = static_cast<acc_t>(lr), mu = static_cast<acc_t>(wd);                             \
-    const tm::RuntimePieces<acc_t> rp{M, knots, coef};                                                 \
-    for (int64_t r = r0; r < r1; ++r) {                                                                \
-      const acc_t z = static_cast<acc_t>(zsq[r]);                                                      \
-      const scalar_t* p = pre + r * m;                                                                 \
-      const scalar_t* g = grad + r * m;                                                                \
-      scalar_t* o = out + r * m;                                                                       \
-      _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                            \
-        o[j] = static_cast<scalar_t>(tm::alpha_dispatch<KIND, acc_t>(                                  \
-            static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), z, eta, mu, rp));                      \
+    if constexpr (KIND == tm::kRelu || KIND == tm::kIdentity) {                                        \
+      FN##_linear<KIND, scalar_t>(pre, grad, zsq, out, r0, r1, m, lr, wd);                             \
+    } else {                                                                                           \
+      const tm::RuntimePieces<double> rp{M, knots, coef};                                              \
+      for (int64_t r = r0; r < r1; ++r) {                                                              \
+        const double z = static_cast<double>(zsq[r]);                                                  \
+        const scalar_t* p = pre + r * m;                                                               \
+        const scalar_t* g = grad + r * m;                                                              \
+        scalar_t* o = out + r * m;                                                                     \
+        _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) {                                          \
+          o[j] = static_cast<scalar_t>(tm::alpha_dispatch<KIND, double>(                               \
+              static_cast<double>(p[j]), static_cast<double>(g[j]), z, lr, wd, rp));                   \
+        }                                                                                              \
       }                                                                                                \
     }                                                                                                  \
   }                                                                                                    \

@@ -13,21 +13,6 @@ namespace {
 
 namespace tm = torchopt_ext::math;
 
-// relu and identity run in the input precision (bandwidth-bound); the cubic solvers in double,
-// where tau^2 and the cubic's coefficients cannot overflow (H100/H200 have full-rate FP64).
-template <int64_t KIND, typename T>
-struct Acc {
-  using type = double;
-};
-template <typename T>
-struct Acc<tm::kRelu, T> {
-  using type = T;
-};
-template <typename T>
-struct Acc<tm::kIdentity, T> {
-  using type = T;
-};
-
 // V consecutive elements per thread through one 16-byte load of each input, so that the
 // bandwidth-bound kinds (relu, identity) run near copy speed; a row's V elements share one z and
 // one index division (m % V == 0). I is the index type: 32-bit where the tensor allows, since
@@ -37,25 +22,44 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// relu and identity run in the input precision (bandwidth-bound) on their row constants, computed
+// in double, or in double where those do not fit the input precision (tm::linear_row_fits); the
+// cubic solvers in double, where tau^2 and the cubic's coefficients cannot overflow (H100/H200
+// have full-rate FP64).
+template <int64_t KIND, typename A, typename T, int V>
+__device__ __forceinline__ void linear_pack(const Pack<T, V>& q, const Pack<T, V>& b, A z,
+                                            const tm::LinearRow<A>& row, Pack<T, V>& a) {
+#pragma unroll
+  for (int k = 0; k < V; ++k)
+    a.v[k] = static_cast<T>(tm::alpha_linear<KIND, A>(static_cast<A>(q.v[k]), static_cast<A>(b.v[k]), z, row));
+}
+
 template <int64_t KIND, typename T, int V, typename I>
 __global__ void ib_alpha_kernel(const T* __restrict__ pre, const T* __restrict__ grad,
                                 const T* __restrict__ zsq, T* __restrict__ out, I packs, I m_packs,
                                 double lr, double wd, const double* __restrict__ knots,
                                 const double* __restrict__ coef, int64_t M) {
-  using A = typename Acc<KIND, T>::type;
   using P = Pack<T, V>;
-  const tm::RuntimePieces<A> rp{M, knots, coef};
-  const A eta = static_cast<A>(lr), mu = static_cast<A>(wd);
+  const tm::RuntimePieces<double> rp{M, knots, coef};
   const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
   for (I i = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + threadIdx.x; i < packs; i += stride) {
     const P q = reinterpret_cast<const P*>(pre)[i];
     const P b = reinterpret_cast<const P*>(grad)[i];
-    const A z = static_cast<A>(__ldg(zsq + i / m_packs));
+    const T z = __ldg(zsq + i / m_packs);
     P a;
+    if constexpr (KIND == tm::kRelu || KIND == tm::kIdentity) {
+      const tm::LinearRow<double> row = tm::linear_row<double>(lr, wd, static_cast<double>(z));
+      if (tm::linear_row_fits<T>(row))
+        linear_pack<KIND, T>(q, b, z, tm::linear_row_as<T>(row), a);
+      else
+        linear_pack<KIND, double>(q, b, static_cast<double>(z), row, a);
+    } else {
 #pragma unroll
-    for (int k = 0; k < V; ++k)
-      a.v[k] = static_cast<T>(
-          tm::alpha_dispatch<KIND, A>(static_cast<A>(q.v[k]), static_cast<A>(b.v[k]), z, eta, mu, rp));
+      for (int k = 0; k < V; ++k)
+        a.v[k] = static_cast<T>(tm::alpha_dispatch<KIND, double>(static_cast<double>(q.v[k]),
+                                                                 static_cast<double>(b.v[k]),
+                                                                 static_cast<double>(z), lr, wd, rp));
+    }
     reinterpret_cast<P*>(out)[i] = a;
   }
 }

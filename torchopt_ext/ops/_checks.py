@@ -6,15 +6,37 @@ import math
 from typing import Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 Scalar = Union[float, int, torch.Tensor]
 
 
-def scalar_arg(name: str, value: Scalar, *, positive: bool) -> float:
-    """A Python float from a number or a 0-dim tensor, checked finite and > 0 (or >= 0)."""
+def has_values(t: torch.Tensor) -> bool:
+    """False for a tensor that carries only shape, dtype and device: meta, or fake (FakeTensorMode)."""
+    return not (t.is_meta or is_fake(t))
+
+
+def only_shapes_known(*tensors) -> bool:
+    """True outside torch.compile when a tensor has no values: then only shapes can be checked
+    (under torch.compile the tensors are fake too, but the op runs later on real ones)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not all(has_values(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def scalar_arg(name: str, value: Scalar, *, positive: bool, shape_only: bool = False) -> float:
+    """A Python float from a number or a 0-dim tensor, checked finite and > 0 (or >= 0).
+
+    With shape_only (meta or fake inputs, whose result has no values either) a tensor is not read
+    and comes back as NaN; a number is still checked."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 0-dim tensor, got a tensor of shape {tuple(value.shape)}")
+        if shape_only:
+            return math.nan
+        if not has_values(value):
+            raise ValueError(f"{name} must be a number or a tensor with a value, got a {value.device.type} tensor "
+                             "without one (meta or fake) for inputs with values")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -49,8 +71,8 @@ def check_ib_alpha(pre, grad_out, z_sqnorm, check_values: bool = True) -> None:
             f"ib_alpha: pre, grad_out and z_sqnorm must be on one device, got {pre.device}, {grad_out.device}, "
             f"{z_sqnorm.device}"
         )
-    # data check (a host sync on CUDA); skipped while tracing, where it would break the graph.
-    # NaN passes on purpose: it only makes its own elements' alpha NaN.
-    if check_values and z_sqnorm.numel() and not torch.compiler.is_compiling():
+    # data check (a host sync on CUDA); skipped while tracing, where it would break the graph, and
+    # on tensors without values. NaN passes on purpose: it only makes its own elements' alpha NaN.
+    if check_values and z_sqnorm.numel() and not torch.compiler.is_compiling() and has_values(z_sqnorm):
         if bool((z_sqnorm <= 0).any()):
             raise ValueError("ib_alpha: z_sqnorm must be > 0 (it is ||z||^2 with the bias's 1, so >= 1 with a bias)")

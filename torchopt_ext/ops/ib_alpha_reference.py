@@ -39,7 +39,7 @@ def _alpha_arctan(q, b, zsq, eta, mu):
     p3 = 1.0 / 3.0 - c2 / 9.0
     h = c * (c2 / 27.0 + 1.0 / 3.0) - 0.5 * bb * tau
     disc = h * h + p3 * p3 * p3
-    one_root = disc >= 0
+    one_root = (disc >= 0) | (c <= 0)  # c <= 0: one real root, whatever the sign of disc's rounding
     # Cardano (one real root)
     a = -torch.copysign(torch.pow(h.abs() + disc.clamp(min=0).sqrt(), 1.0 / 3.0), h)
     t1 = torch.where(a != 0, a - p3 / torch.where(a != 0, a, torch.ones_like(a)), torch.zeros_like(a))

@@ -12,6 +12,7 @@
 // the host and the device, and as FlopCounter (flop_counter.h) to count the cost of one solve.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -80,27 +81,75 @@ template <typename T>
 TOX_HD T nan_guard(T q, T b, T zsq) { return q * T(0) + b * T(0) + zsq * T(0); }
 
 // ---------------------------------------------------------------------------------------------
+// relu and identity need only three numbers per sample, the same for its whole row: d = 1 + eta mu,
+// s = eta zsq and d s. The CPU and CUDA loops compute them in double and round them once to the
+// input precision where all three fit (linear_row_fits); in float32 eta alone may be inf
+// (lr >= 3.4e38), and d = 1 + inf*0 would be NaN.
+template <typename T>
+struct LinearRow {
+  T d, s, ds;
+};
+
+template <typename T>
+TOX_HD LinearRow<T> linear_row(T eta, T mu, T zsq) {
+  const T d = T(1) + eta * mu;
+  const T s = eta * zsq;
+  return {d, s, d * s};
+}
+
+// Whether relu's and identity's arithmetic in T on the rounded row stays within a few roundings of
+// the double row's: d, s and d s normal numbers of T (a double row always; false for NaN). Then
+// b/d and q/(d s) only under- or overflow where their exact values do, and q <= s b decides right
+// where s b overflows (|q| < inf = |s b|).
+template <typename T>
+TOX_HD bool linear_row_fits(const LinearRow<double>& r) {
+  if (sizeof(T) >= sizeof(double)) return true;
+  const double lo = FLT_MIN, hi = FLT_MAX;
+  return (r.d <= hi) & (r.s >= lo) & (r.s <= hi) & (r.ds >= lo) & (r.ds <= hi);
+}
+
+template <typename T>
+TOX_HD LinearRow<T> linear_row_as(const LinearRow<double>& r) {
+  return {T(r.d), T(r.s), T(r.ds)};
+}
+
 // relu: closed form (paper Table 1, rederived from the prox form; T = s*b).
 //   b > 0: alpha = 0 if q <= 0;  c/s if 0 < q <= T;  b/d if q > T.
 //   b < 0: alpha = 0 if q <= T/2 (ties go to the smaller |alpha|);  b/d if q > T/2.
 // Branch-free so that the CPU loop vectorises.
 template <typename T>
-TOX_HD T alpha_relu(T q, T b, T zsq, T eta, T mu) {
-  const T d = T(1) + eta * mu;
-  const T s = eta * zsq;
-  const T sb = s * b;
-  const T full = b / d;
-  const T mid = q / (d * s);  // = c/s: the step that lands exactly on the kink u = 0
+TOX_HD T alpha_relu_row(T q, T b, T zsq, const LinearRow<T>& r) {
+  const T sb = r.s * b;
+  const T full = b / r.d;
+  const T mid = q / r.ds;  // = c/s: the step that lands exactly on the kink u = 0
   const T pos = q <= T(0) ? T(0) : (q <= sb ? mid : full);
   const T neg = q <= T(0.5) * sb ? T(0) : full;
   const T a = b > T(0) ? pos : (b < T(0) ? neg : T(0));
   return a + nan_guard(q, b, zsq);
 }
 
+template <typename T>
+TOX_HD T alpha_relu(T q, T b, T zsq, T eta, T mu) {
+  return alpha_relu_row(q, b, zsq, linear_row(eta, mu, zsq));
+}
+
 // identity: sigma(u) = u is linear, the implicit step equals the explicit one up to the decay.
 template <typename T>
+TOX_HD T alpha_identity_row(T q, T b, T zsq, const LinearRow<T>& r) {
+  return b / r.d + nan_guard(q, b, zsq);
+}
+
+template <typename T>
 TOX_HD T alpha_identity(T q, T b, T zsq, T eta, T mu) {
-  return b / (T(1) + eta * mu) + nan_guard(q, b, zsq);
+  const LinearRow<T> r{T(1) + eta * mu, T(0), T(0)};  // identity reads d alone
+  return alpha_identity_row(q, b, zsq, r);
+}
+
+// relu or identity (KIND) from their row constants
+template <int64_t KIND, typename T>
+TOX_HD T alpha_linear(T q, T b, T zsq, const LinearRow<T>& r) {
+  if (KIND == kRelu) return alpha_relu_row(q, b, zsq, r);
+  return alpha_identity_row(q, b, zsq, r);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,19 +190,22 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   const T p3 = T(1.0 / 3.0) - c2 * T(1.0 / 9.0);                    // p/3
   const T h = c * (c2 * T(1.0 / 27.0) + T(1.0 / 3.0)) - T(0.5) * bb * tau;  // r/2
   const T disc = h * h + p3 * p3 * p3;
+  // c <= 0 has one real root (phi'(v) = 1 + w (c - 3 tau v) >= 1, both factors <= 0), so disc >= 0;
+  // but h^2 and -p3^3 both grow as c^6/729 and cancel to about c^4/27, and beyond |c| ~ 1e8 the
+  // computed disc is rounding noise of either sign, on which the trigonometric form takes a wrong root
+  const bool one_root = (disc >= T(0)) | (c <= T(0));
   T t;
 #ifdef TOX_BRANCHLESS_CARDANO
   // Both forms for every element, then a select: with vector cbrt/acos/cos (glibc's libmvec, see
   // csrc/cpu/ib_alpha_cpu_avx2.cpp) the loop vectorises, and computing the unused form costs less
   // than a scalar loop. The unused form gets harmless arguments (libmvec takes a slow scalar path
   // for NaN or |arg| > 1): disc 0 for Cardano, and h = 0, p3 = -1 (arg 0) for the trig form.
-  const bool one_root = disc >= T(0);
-  const T t_one = cardano_one_root(h, one_root ? disc : T(0), p3);
+  const T t_one = cardano_one_root(h, disc >= T(0) ? disc : T(0), p3);
   const T t_three = cardano_three_roots(one_root ? T(0) : h, one_root ? T(-1) : p3);
   t = one_root ? t_one : t_three;
 #else
-  if (disc >= T(0))
-    t = cardano_one_root(h, disc, p3);
+  if (one_root)
+    t = cardano_one_root(h, disc >= T(0) ? disc : T(0), p3);
   else
     t = cardano_three_roots(h, p3);
 #endif

@@ -16,8 +16,8 @@ from torchopt_ext.distill.models import one_thread
 @pytest.fixture(autouse=True)
 def small_nets(monkeypatch):
     """The fixtures' nets (condense.nets may not exist yet) on one thread (tiny ops, shared cores)."""
-    monkeypatch.setattr(B, "build_net", lambda config, data: F.make_net(
-        getattr(config, "net", "convnet"), data.shape, data.n_classes, getattr(config, "width", 16)
+    monkeypatch.setattr(B, "build_net", lambda config, data, width=None: F.make_net(
+        getattr(config, "net", "convnet"), data.shape, data.n_classes, width or getattr(config, "width", 16)
     ).to(data.x_train.dtype))
     with one_thread():
         yield
@@ -33,6 +33,8 @@ def tiny():
 
 
 def config(method, **opts):
+    """The inner net is the config's (width 8) unless ``width`` is given."""
+    opts = {"width": None, **opts}
     return types.SimpleNamespace(net="convnet", width=8, **{f"{method}_{k}": v for k, v in opts.items()})
 
 
@@ -161,6 +163,7 @@ def test_generator_output_shapes():
     ("dd", dict(outer_iters=0), "--dd-outer-iters"),
     ("dd", dict(lr_init=-1.0), "--dd-lr-init"),
     ("dd", dict(checkpoint_every=0), "--dd-checkpoint-every"),
+    ("dd", dict(width=0), "--dd-width"),
     ("ld", dict(soft_labels=False), "--ld-soft-labels"),
     ("gtn", dict(noise_dim=1), "--gtn-noise-dim"),
 ])
@@ -183,6 +186,22 @@ def test_with_the_pipeline_nets(tiny, monkeypatch):
     s = dd.dd(tiny, 1, types.SimpleNamespace(net="convnet", width=8, dd_outer_iters=2),
               torch.Generator().manual_seed(0))
     assert s.images.shape == (10, 1, 8, 8) and nets is not None
+
+
+def test_inner_width_option_builds_the_inner_net(tiny, monkeypatch):
+    """--dd-width sets the inner net's channels; None falls back to the grid's --width."""
+    pytest.importorskip("torchopt_ext.condense.nets")
+    monkeypatch.undo()
+    seen = []
+    real = B.build_net
+    monkeypatch.setattr(B, "build_net", lambda config, data, width=None: seen.append(
+        real(config, data, width).head.in_features) or real(config, data, width))
+    for width, features in [(4, 4 * 2 * 2), (None, 8 * 2 * 2)]:
+        seen.clear()
+        dd.dd(tiny, 1, types.SimpleNamespace(net="convnet", width=8, dd_outer_iters=1, dd_width=width),
+              torch.Generator().manual_seed(0))
+        assert seen and set(seen) == {features}
+    assert B.BilevelOptions().width == 64
 
 
 def test_rates_start_at_lr_init_and_are_none_when_fixed(tiny):

@@ -92,8 +92,9 @@ def add_parser(sub):
     return p
 
 
-def _typed(default):
-    """A parser for an option whose default is ``default``: bools take true/false, None takes none or a number."""
+def _typed(default, optional=False):
+    """A parser for an option whose default is ``default``: bools take true/false; None (or any ``optional``
+    field) takes none or a number."""
     def parse(text):
         low = text.strip().lower()
         if isinstance(default, bool):
@@ -102,7 +103,7 @@ def _typed(default):
             if low in ("false", "0", "no", "off"):
                 return False
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        if default is None and low == "none":
+        if (default is None or optional) and low == "none":
             return None
         kind = type(default) if default is not None else (int if low.lstrip("-").isdigit() else float)
         try:
@@ -139,7 +140,7 @@ def _add_method_options(p):
         for f in dataclasses.fields(cls):
             default = getattr(cls(), f.name)
             g.add_argument(f"--{method}-{f.name.replace('_', '-')}", dest=f"opt:{method}_{f.name}",
-                           type=_typed(default), default=argparse.SUPPRESS, metavar="V",
+                           type=_typed(default, "Optional" in str(f.type)), default=argparse.SUPPRESS, metavar="V",
                            help=f"{meaning.get(f.name, '')} (default: {default})".strip())
 
 

@@ -20,6 +20,9 @@ from torchopt_ext.condense.types import ImageData
 from torchopt_ext.distill.config import DistillError
 
 
+_UNSET = object()
+
+
 @dataclass
 class BilevelOptions:
     """What the three methods share; each reads them from the config as ``<method>_<name>``."""
@@ -36,12 +39,13 @@ class BilevelOptions:
     fixed_init: bool = False       # draw the nets' theta_0 once and keep them
     batch_real: int = 256          # real images per outer iteration (all when the set is smaller)
     checkpoint_every: Optional[int] = None   # K of the unroll's checkpointing (None: keep every theta_k)
+    width: Optional[int] = 64      # channels (mlp: units) of the inner net that learns; None: --width
 
     @classmethod
     def from_config(cls, config, prefix: str):
         """Options from ``config.<prefix>_<name>`` where present, else the defaults above."""
-        values = {f.name: getattr(config, f"{prefix}_{f.name}", None) for f in dataclasses.fields(cls)}
-        opts = cls(**{k: v for k, v in values.items() if v is not None})
+        values = {f.name: getattr(config, f"{prefix}_{f.name}", _UNSET) for f in dataclasses.fields(cls)}
+        opts = cls(**{k: v for k, v in values.items() if v is not _UNSET})   # an explicit None is kept
         opts.validate(prefix)
         return opts
 
@@ -53,21 +57,23 @@ class BilevelOptions:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise DistillError(f"--{prefix}-{name.replace('_', '-')}: expected a positive number, got {v!r}")
-        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
-                                                  or self.checkpoint_every < 1):
-            raise DistillError(f"--{prefix}-checkpoint-every: expected a positive integer or None, "
-                               f"got {self.checkpoint_every!r}")
+        for name in ("checkpoint_every", "width"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise DistillError(f"--{prefix}-{name.replace('_', '-')}: expected a positive integer or None, "
+                                   f"got {v!r}")
 
     @property
     def n(self) -> int:
         return self.steps * self.epochs
 
 
-def build_net(config, data: ImageData) -> torch.nn.Module:
-    """The run's architecture (config.net, .width, .depth), in the data's dtype."""
+def build_net(config, data: ImageData, width: Optional[int] = None) -> torch.nn.Module:
+    """The run's architecture (config.net, .depth) with ``width`` channels (None: config.width), in the data's
+    dtype."""
     from torchopt_ext.condense.nets import make_net
     net = make_net(getattr(config, "net", "convnet"), data.shape, data.n_classes,
-                   width=getattr(config, "width", 128), depth=getattr(config, "depth", None))
+                   width=width or getattr(config, "width", 128), depth=getattr(config, "depth", None))
     return net.to(data.x_train.dtype)
 
 
@@ -79,9 +85,10 @@ def seeded(generator: torch.Generator, make: Callable):
         return make()
 
 
-def draw_params(config, data: ImageData, generator: torch.Generator, m: int) -> List[dict]:
+def draw_params(config, data: ImageData, generator: torch.Generator, m: int,
+                width: Optional[int] = None) -> List[dict]:
     """m initialisations theta_0 ~ p(theta_0), the architecture's own init, from ``generator``."""
-    return [{k: p.detach() for k, p in seeded(generator, lambda: build_net(config, data)).named_parameters()}
+    return [{k: p.detach() for k, p in seeded(generator, lambda: build_net(config, data, width)).named_parameters()}
             for _ in range(m)]
 
 
@@ -163,11 +170,11 @@ def outer_loop(data: ImageData, config, opts: BilevelOptions, generator: torch.G
     groups: Adam parameter groups of those tensors (rho is added here when rates are learned).
     """
     t0 = time.perf_counter()
-    net = build_net(config, data)
+    net = build_net(config, data, opts.width)
     if rates.rho.requires_grad:
         groups = groups + [{"params": [rates.rho], "lr": opts.lr_lr}]
     opt = torch.optim.Adam(groups)
-    fixed = draw_params(config, data, generator, opts.models) if opts.fixed_init else None
+    fixed = draw_params(config, data, generator, opts.models, opts.width) if opts.fixed_init else None
     N = data.x_train.shape[0]
     losses = []
     bar = None
@@ -176,7 +183,7 @@ def outer_loop(data: ImageData, config, opts: BilevelOptions, generator: torch.G
         bar = tqdm(total=opts.outer_iters, desc=f"{name}", unit="it", leave=False)
     try:
         for it in range(opts.outer_iters):
-            thetas = fixed if fixed is not None else draw_params(config, data, generator, opts.models)
+            thetas = fixed if fixed is not None else draw_params(config, data, generator, opts.models, opts.width)
             idx = torch.randperm(N, generator=generator)[:opts.batch_real]
             outer = U.cross_entropy_outer(net, data.x_train[idx], data.y_train[idx])
             opt.zero_grad(set_to_none=True)

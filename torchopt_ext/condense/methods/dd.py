@@ -14,11 +14,13 @@ Options (``config.dd_<name>``; see _bilevel.BilevelOptions for the shared ones):
                   set holds ipc images per class like every other method (steps > 1 multiplies the
                   budget: each step has its own ipc per class, as in the paper's MNIST setting).
     outer_iters = 200, outer_lr = 0.01 (Adam), lr_init = 0.1 (the rates start at eta = 0.1), models = 1,
-    batch_real = 256, soft_labels = False, learn_lrs = True, checkpoint_every = None.
+    batch_real = 256, soft_labels = False, learn_lrs = True, checkpoint_every = None, width = 64 (the inner
+    ConvNet's channels: half the evaluation nets' 128, a third of the time per outer iteration).
 
 Differs from the paper: x~ starts from random real images by default (``init="noise"`` is the paper's
 start); the default is one step of ipc images per class seen 10 times, so the budget equals the other
-methods' ipc; the inner net's normalisation layers run in train mode with batch statistics.
+methods' ipc; the inner net's normalisation layers run in train mode with batch statistics; the inner net is
+narrower than the nets the set is evaluated on (``width``; None: the grid's --width).
 """
 from __future__ import annotations
 

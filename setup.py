@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -78,26 +78,8 @@ def _extension():
     )
 
 
+# metadata, dependencies and the version live in pyproject.toml; setup.py only adds the extension
 setup(
-    name="torchopt_ext",
-    version="0.1.0",
-    description="Implicit backprop, five-probe adaptive learning rates and dataset distillation for PyTorch",
-    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["torchopt_ext", "torchopt_ext.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "filelock>=3.0"],  # filelock: one writer per distill --out
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "scikit-learn", "matplotlib", "tqdm",
-                 "music21"],
-        "cli": ["scikit-learn", "matplotlib", "tqdm"],
-        # the learning-rate-free competitors of torchopt_ext.compare.lr_free; install with --no-deps
-        # (schedulefree names torch as a dependency and pip would otherwise re-resolve it)
-        "bench": ["dadaptation", "prodigyopt", "schedulefree", "dog-optimizer"],
-        # `compare --tasks jsb`: the Bach chorales come from music21's corpus
-        "music": ["music21", "matplotlib", "tqdm"],
-    },
-    entry_points={"console_scripts": ["torchopt-ext=torchopt_ext.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

@@ -119,8 +119,9 @@ def test_resume_reuses_finished_cells(tmp_path, counting, capsys):
     assert "resume: results.json: its size or sha256 differs from manifest.json: every cell is evaluated again" in err
     assert "resume: cells/random_ipc1.png is missing: drawn again" in err
     assert f"resume: {out}/cells/herding_ipc1.pt is unreadable or corrupt (" in err
-    assert err.strip().splitlines()[-1] == ("resume: condensed again herding_ipc1; evaluated again random_ipc1, "
-                                            "random_ipc2, herding_ipc2, whole; new random_ipc3, herding_ipc3")
+    assert err.strip().splitlines()[-1] == ("resume: evaluated the saved sets of random_ipc1, random_ipc2, "
+                                            "herding_ipc2, whole; condensed again herding_ipc1; condensed "
+                                            "random_ipc3, herding_ipc3")
     final = json.loads((out / "results.json").read_text())
     redone, first = final["cells"]["random_ipc2"]["eval"]["convnet"], before["cells"]["random_ipc2"]["eval"]["convnet"]
     assert redone["accuracies"] == first["accuracies"] and redone["wall_s"] != first["wall_s"]   # same seeds

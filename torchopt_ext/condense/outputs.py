@@ -234,16 +234,14 @@ class GridDir:
             self._summary(results)
 
     def _summary(self, results: dict) -> None:
-        reused = [n for n, c in results["cells"].items() if c.get("reused")]
-        parts = [f"reused {', '.join(reused)}"] if reused else []
-        if self.redone:
-            parts.append(f"condensed again {', '.join(self.redone)}")
-        if self.reevaluated:
-            parts.append(f"evaluated again {', '.join(self.reevaluated)}")
-        fresh = [n for n, c in results["cells"].items()
-                 if not c.get("reused") and n not in self.redone and n not in self.reevaluated]
-        if fresh:
-            parts.append(f"new {', '.join(fresh)}")
+        """One line: which cells were reused, which saved sets were evaluated, which cells were condensed."""
+        cells = results["cells"]
+        reused = [n for n, c in cells.items() if c.get("reused")]
+        condensed = [n for n in cells if n not in reused and n not in self.reevaluated]
+        parts = [f"{what} {', '.join(names)}" for what, names in (
+            ("reused", reused), ("evaluated the saved sets of", self.reevaluated),
+            ("condensed again", [n for n in condensed if n in self.redone]),
+            ("condensed", [n for n in condensed if n not in self.redone])) if names]
         self._say("; ".join(parts))
 
     def close(self, failed: bool) -> bool:

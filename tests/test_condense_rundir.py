@@ -192,3 +192,20 @@ def test_a_new_grid_failing_before_any_set_was_saved_leaves_nothing(tmp_path, mo
         assert err == "error: --method: boom\n"
         assert sorted(os.listdir(out / "cells")) == ["random_ipc1.png", "random_ipc1.pt"]
         assert not (out / ".lock.info").exists()
+
+
+def test_a_cell_that_does_not_fit_the_data_is_condensed_again(tmp_path, straight, counting, capsys):
+    import torch
+    from torchopt_ext.condense.outputs import save_set
+    out = tmp_path / "grid"
+    shutil.copytree(straight, out)
+    pt = out / "cells" / "random_ipc1.pt"
+    state = torch.load(pt, weights_only=True)
+    save_set({k: v for k, v in state.items() if k != "sha256"} | {"images": state["images"][:, :, :4, :4]}, str(pt))
+    capsys.readouterr()
+    assert condense(out, "--resume") == 0
+    assert counting == {"random": 1}
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"resume: {pt} does not fit the data: expected images (M, 1, 8, 8) and labels (M, 10); cell random_ipc1 is "
+        "condensed again")
+    assert numbers(out) == numbers(straight)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 # how long a failing rank waits for its peers before it leaves anyway: they may be computing, not failing
 FAILED_BARRIER_S = 10.0
@@ -43,15 +43,16 @@ def leave_group() -> None:
             dist.destroy_process_group()
 
 
-def leave_group_after_failure(timeout_s: float = FAILED_BARRIER_S) -> None:
-    """:func:`leave_group` for a rank that is failing: the barrier waits at most ``timeout_s``, since a
-    peer that has not failed is in another collective or still computing, and would never arrive."""
+def leave_group_after_failure(timeout_s: Optional[float] = None) -> None:
+    """:func:`leave_group` for a rank that is failing: the barrier waits at most ``timeout_s`` (default
+    FAILED_BARRIER_S), since a peer that has not failed is in another collective or still computing."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
+    wait = datetime.timedelta(seconds=FAILED_BARRIER_S if timeout_s is None else timeout_s)
     try:  # process_group opens gloo groups only, which have this barrier
-        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        dist.monitored_barrier(timeout=wait)
     except RuntimeError:
         pass  # a peer left or is elsewhere: closing the connections below tells it
     finally:

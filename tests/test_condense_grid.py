@@ -198,7 +198,8 @@ def test_help_explains_options_protocol_and_outputs(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--method", "--ipc", "--dataset", "--data-root", "--eval-nets", "--eval-models", "--eval-optimizer",
                    "--resume", "momentum 0.9", "weight decay 5e-4", "results.md", "results.json", ".png",
-                   "herding", "random", "whole", "t10k-images-idx3-ubyte", "data_batch_1..5"):
+                   "herding", "random", "whole", "t10k-images-idx3-ubyte", "data_batch_1..5", "manifest.json",
+                   ".lock.info", "sha256", "torchrun", "rank 0 alone writes"):
         assert needle in text, needle
 
 

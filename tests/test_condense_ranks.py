@@ -8,13 +8,10 @@ import time
 import pytest
 
 from dist_helpers import free_port
-from test_condense_rundir import FAST, assert_matches_manifest, condense, numbers
+from test_condense_rundir import assert_matches_manifest, condense, numbers
 from test_distill_faults import fork, join
 from torchopt_ext.condense.config import CondenseError
 from torchopt_ext.condense.ranks import my_share
-
-ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 def _as_rank(rank, port, out, log, patch=None, extra=()):
     """One rank of a 2-process grid; ``patch(rank, log)`` changes this process before it starts."""
@@ -149,3 +146,22 @@ def test_my_share_deals_round_robin():
     shares = [my_share(items, r, 3) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
     assert my_share(items) == items   # one process computes everything
+
+
+def test_nets_trained_apart_merge_into_one_evaluation(straight):
+    """The grid trains each net j on its own (models=[j]); joined, they are evaluate_detailed of all nets."""
+    import torch
+    from torchopt_ext.condense.data import load_images
+    from torchopt_ext.condense.evaluate import compute_threads, evaluate_detailed, merge_evaluations
+    from torchopt_ext.condense.outputs import load_set
+    data = load_images("digits", None, 0, 1 / 3, False, torch.float32)
+    syn, _ = load_set(str(straight / "cells" / "herding_ipc1.pt"), data)
+    with compute_threads(1):
+        together = evaluate_detailed(syn, data, "convnet", 2, 2, 0, width=4)
+        apart = merge_evaluations([evaluate_detailed(syn, data, "convnet", 2, 2, 0, width=4, models=[j])
+                                   for j in (0, 1)])
+    assert together["accuracies"][0] != together["accuracies"][1]
+    assert {k: v for k, v in apart.items() if k != "wall_s"} == {k: v for k, v in together.items() if k != "wall_s"}
+    grid = json.loads((straight / "results.json").read_text())["cells"]["herding_ipc1"]["eval"]["convnet"]
+    assert (grid["accuracies"], grid["mean"], grid["std"]) == (together["accuracies"], together["mean"],
+                                                               together["std"])

@@ -36,7 +36,8 @@ def assert_matches_manifest(out):
     """Every file of the grid is in the manifest as on disk, and no temporary is left."""
     manifest, note = Manifest.load(str(out))
     assert note is None and manifest.complete
-    files = {"config.json", "results.json", "results.md"} | {f"cells/{n}" for n in os.listdir(os.path.join(out, "cells"))}
+    files = {"config.json", "results.json", "results.md"}
+    files |= {f"cells/{n}" for n in os.listdir(os.path.join(out, "cells"))}   # a temporary would show here
     assert set(manifest.files) == files
     assert {n: manifest.problem(n) for n in files} == {n: None for n in files}
 

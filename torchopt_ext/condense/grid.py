@@ -82,17 +82,17 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
     on_rank0(lambda: check_out(out, resume))
     with compute_threads(config.threads):
         data = everywhere(lambda: _load_data(config))
-        grid = on_rank0(lambda: GridDir(out, config, resume))
+        outdir = on_rank0(lambda: GridDir(out, config, resume))
         try:
-            results = _run(config, data, methods, grid, out, progress and rank == 0)
+            results = _run(config, data, methods, outdir, out, progress and rank == 0)
         except BaseException as exc:
-            if grid is not None and grid.close(failed=True):
+            if outdir is not None and outdir.close(failed=True):
                 if isinstance(exc, DistillError):
                     raise CondenseError(f"{exc}; {removed_note(out)}") from None
                 print(removed_note(out), file=sys.stderr)
             raise
-        if grid is not None:
-            grid.close(failed=False)
+        if outdir is not None:
+            outdir.close(failed=False)
     return results
 
 
@@ -105,55 +105,66 @@ def _condense_cell(config, data, methods, cell, progress):
     return saved_state(syn), time.perf_counter() - t0
 
 
-def _run(config, data, methods, grid, out, progress):
+def _run(config, data, methods, outdir, out, progress):
     rank, world = rank_world()
     cells = grid_cells(config)
-    plan = gathered(lambda: grid.plan(cells, data) if rank == 0 else None)[0]
+    plan = gathered(lambda: outdir.plan(cells, data) if rank == 0 else None)[0]
     records = {name: p["record"] for name, p in plan.items() if p["record"] is not None}
     states = {name: p["state"] for name, p in plan.items() if p["state"] is not None}
     walls = {name: p["method_wall_s"] for name, p in plan.items()}
-
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
+    _condense_pass(config, data, methods, todo, outdir, states, walls, progress)
+    syns = {name: set_from_state(state, data, set_files(name)[0]) for name, state in states.items()}
+
+    def write(records, complete=False):
+        results = _results(config, data, out, cells, records, world)
+        on_rank0(lambda: outdir.write_results(results, complete))
+        return results
+    _evaluate_pass(config, data, [c for c in cells if cell_name(*c) not in records], syns, walls, records, write,
+                   progress)
+    return write(records, complete=True)
+
+
+def _condense_pass(config, data, methods, todo, outdir, states, walls, progress):
+    """The sets of the cells in ``todo``, dealt over the ranks, into ``states`` and ``walls`` (every rank) and
+    saved by rank 0 after each round."""
     bar = tqdm(total=len(todo), disable=not progress, desc="condense")
     for group, got in in_rounds(todo, lambda c: _condense_cell(config, data, methods, c, progress)):
         for (method, ipc), (state, wall) in zip(group, got):
             states[cell_name(method, ipc)], walls[cell_name(method, ipc)] = state, wall
-        on_rank0(lambda: grid.save_sets([(m, k, states[cell_name(m, k)]) for m, k in group], data))
+        on_rank0(lambda: outdir.save_sets([(m, k, states[cell_name(m, k)]) for m, k in group], data))
         bar.update(len(group))
     bar.close()
-    syns = {name: set_from_state(state, data, set_files(name)[0]) for name, state in states.items()}
 
+
+def _evaluate_pass(config, data, cells, syns, walls, records, write, progress):
+    """Every (cell, evaluation net, j) training of ``cells``, dealt over the ranks; a cell's record goes into
+    ``records`` and ``write(records)`` is called once all its nets are in."""
     nets, n = config.test_nets, config.eval_models
+    units = [(cell_name(m, k), net, j) for m, k in cells for net in nets for j in range(n)]
     epochs = {cell_name(m, k): config.cell_epochs(m) for m, k in cells}
-    units = [(cell_name(m, k), net, j) for m, k in cells if cell_name(m, k) not in records
-             for net in nets for j in range(n)]
 
     def evaluate(unit):
         name, net, j = unit
         return evaluate_detailed(syns[name], data, net, n, epochs[name], config.seed, config.eval_optimizer,
                                  config.use_learned_lrs, progress, config.width, config.depth, models=[j])
 
-    parts = {}   # cell -> net -> j -> record of net j
+    parts = {cell_name(m, k): {net: {} for net in nets} for m, k in cells}   # cell -> net -> j -> record
     bar = tqdm(total=len(units), disable=not progress, desc="evaluate")
     for group, got in in_rounds(units, evaluate):
-        finished = []
         for (name, net, j), record in zip(group, got):
-            parts.setdefault(name, {}).setdefault(net, {})[j] = record
-            if sum(len(v) for v in parts[name].values()) == len(nets) * n:
-                finished.append(name)
-        for name in finished:
-            method, ipc = next(c for c in cells if cell_name(*c) == name)
+            parts[name][net][j] = record
+        finished = [(m, k) for m, k in cells if cell_name(m, k) not in records
+                    and all(len(parts[cell_name(m, k)][net]) == n for net in nets)]
+        for method, ipc in finished:
+            name = cell_name(method, ipc)
             records[name] = _cell_record(method, ipc, syns[name], walls[name],
                                          {net: merge_evaluations([parts[name][net][j] for j in range(n)])
                                           for net in nets})
         if finished:
-            results = _results(config, data, out, cells, records, world)
-            on_rank0(lambda: grid.write_results(results))
+            write(records)
         bar.update(len(group))
     bar.close()
-    results = _results(config, data, out, cells, records, world)
-    on_rank0(lambda: grid.write_results(results, complete=True))
-    return results
 
 
 def _cell_record(method, ipc, syn, method_wall_s, evals):

@@ -94,16 +94,20 @@ def test_cells_are_seeded_by_seed_method_and_ipc(finished, tmp_path):
     assert derive_seed(0, "random", 2) != derive_seed(0, "random", 1) != derive_seed(1, "random", 1)
 
 
-def test_resume_reuses_finished_cells(tmp_path, counting):
+def test_resume_reuses_finished_cells(tmp_path, counting, capsys):
     out = tmp_path / "g"
     assert grid(out) == 0
     assert counting == {"random": 2, "herding": 2, "whole": 1}
     before = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
     assert grid(out, "--resume") == 0
     assert counting == {"random": 2, "herding": 2, "whole": 1}   # nothing re-run
+    assert capsys.readouterr().err == ("resume: reused random_ipc1, random_ipc2, herding_ipc1, herding_ipc2, "
+                                       "whole\n")
     after = json.loads((out / "results.json").read_text())
     assert after["cells"]["random_ipc2"] == dict(before["cells"]["random_ipc2"], reused=True)
-    # a corrupt set is rebuilt; a lost evaluation is redone on the saved set; a new ipc adds its cells only
+    # a corrupt set is rebuilt; an edited results.json is not trusted: every saved set is evaluated again;
+    # a lost PNG is drawn again; a new ipc adds its cells only
     (out / "cells" / "herding_ipc1.pt").write_bytes(b"garbage")
     os.remove(out / "cells" / "random_ipc1.png")
     del after["cells"]["random_ipc2"]
@@ -111,6 +115,13 @@ def test_resume_reuses_finished_cells(tmp_path, counting):
     assert main(["condense", "--method", "random,herding", "--ipc", "1,2,3", *TINY, "--out", str(out),
                  "--resume"]) == 0
     assert counting == {"random": 3, "herding": 4, "whole": 1}
+    err = capsys.readouterr().err
+    assert "resume: results.json: its size or sha256 differs from manifest.json: every cell is evaluated again" in err
+    assert "resume: cells/random_ipc1.png is missing: drawn again" in err
+    assert f"resume: {out}/cells/herding_ipc1.pt is unreadable or corrupt (" in err
+    assert err.strip().splitlines()[-1] == ("resume: evaluated the saved sets of random_ipc1, random_ipc2, "
+                                            "herding_ipc2, whole; condensed again herding_ipc1; condensed "
+                                            "random_ipc3, herding_ipc3")
     final = json.loads((out / "results.json").read_text())
     redone, first = final["cells"]["random_ipc2"]["eval"]["convnet"], before["cells"]["random_ipc2"]["eval"]["convnet"]
     assert redone["accuracies"] == first["accuracies"] and redone["wall_s"] != first["wall_s"]   # same seeds
@@ -130,7 +141,7 @@ def test_resume_refuses_changed_options(tmp_path, capsys):
     assert grid(out, "--resume", "--eval-epochs", "3") == 2
     assert "--resume: --eval-epochs differ" in capsys.readouterr().err
     assert grid(tmp_path / "none", "--resume") == 2
-    assert "not a grid directory" in capsys.readouterr().err
+    assert "is not a run directory (no config.json)" in capsys.readouterr().err
 
 
 def _bad_idx(tmp_path):
@@ -187,7 +198,8 @@ def test_help_explains_options_protocol_and_outputs(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for needle in ("--method", "--ipc", "--dataset", "--data-root", "--eval-nets", "--eval-models", "--eval-optimizer",
                    "--resume", "momentum 0.9", "weight decay 5e-4", "results.md", "results.json", ".png",
-                   "herding", "random", "whole", "t10k-images-idx3-ubyte", "data_batch_1..5"):
+                   "herding", "random", "whole", "t10k-images-idx3-ubyte", "data_batch_1..5", "manifest.json",
+                   ".lock.info", "sha256", "torchrun", "rank 0 alone writes"):
         assert needle in text, needle
 
 

@@ -252,3 +252,23 @@ def test_two_ranks_only_rank0_writes_and_its_refusal_reaches_both(tmp_path):
         lock.release()
     for r in range(2):
         assert f"error: --out: {out} is in use by another run (pid {os.getpid()}" in open(f"{log}{r}").read()
+
+
+def _rank_with_full_disk(rank, port, args, name, barrier_s):
+    from torchopt_ext import _distributed
+    _distributed.FAILED_BARRIER_S = barrier_s
+    tempfile.mkstemp = _full_disk_for(name)  # only rank 0 writes
+    return _rank(rank, port, args)
+
+
+@pytest.mark.parametrize("name, barrier_s, codes", [
+    ("checkpoint.pt", 1.0, [2, 1]),   # rank 1 is in the next epoch's all-reduce: it fails when rank 0 leaves
+    ("results.md", 120.0, [2, 0]),    # rank 1 is done and waits to leave: the two barriers meet at once
+])
+def test_rank0_failing_alone_does_not_leave_rank1_waiting(tmp_path, name, barrier_s, codes):
+    out, log = str(tmp_path / "run"), str(tmp_path / "rank")
+    port, t0 = free_port(), time.perf_counter()
+    args = ["--out", out] + FAST + ["--outer-epochs", "2"]
+    got = join([fork(_rank_with_full_disk, r, port, args, name, barrier_s, log=f"{log}{r}") for r in range(2)], 100)
+    assert got == codes and time.perf_counter() - t0 < 60  # gloo's own timeout is 30 minutes
+    assert f"error: cannot write {out}/{name}: no space left on device" in open(f"{log}0").read()

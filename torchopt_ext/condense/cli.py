@@ -8,6 +8,17 @@ from torchopt_ext.distill.config import DistillError
 
 _D = CondenseConfig()
 
+EPILOG = """--out DIR also holds manifest.json (size and sha256 of every file, rewritten after each one), and
+each .pt carries a sha256 of its tensors. DIR/.lock is held while a run uses DIR: a second run there is
+refused with the holder's pid, host and start time (from .lock.info); a killed run's lock is free again.
+Every file is written to a temporary and renamed, so a crash leaves the old file or the new one; a new
+grid that fails before any set was saved removes DIR. --resume reuses every cell whose .pt matches its
+digest and, when results.json is the file the manifest records, its evaluation; it condenses or
+evaluates again whatever is missing or damaged and says which cells. Under torchrun (gloo; e.g.
+torchrun --nproc-per-node 4 -m torchopt_ext condense ...) the cells to condense and then the
+(cell, evaluation net) trainings are dealt round-robin over the ranks, each with its own seeds, so the
+numbers are those of one process with the same --threads; rank 0 alone writes DIR."""
+
 
 def _words(text):
     return [w for w in text.replace(",", " ").split() if w]
@@ -35,7 +46,7 @@ def add_parser(sub):
         "cells/<method>_ipc<k>.pt (the set; torch.load(weights_only=True)), cells/<method>_ipc<k>.png (its images "
         "per class), results.json (every number: per-net accuracies, wall times), results.md (rows methods with "
         "random first and the whole-data row last, columns ipc per evaluation net), config.json. "
-        "Nothing is written when an option, the data or an image size is wrong.")
+        "Nothing is written when an option, the data or an image size is wrong.", epilog=EPILOG)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=_D.dataset, help="one of " + ", ".join(DATASETS) + ": digits is "
                    "scikit-learn's 8x8 digits (built in); the others read files from --data-root")
@@ -86,7 +97,7 @@ def add_parser(sub):
                    "unless --resume")
     g.add_argument("--resume", action="store_true",
                    help="reuse the finished cells in --out (same options; --method, --ipc, --no-whole, --whole-epochs "
-                   "may change)")
+                   "may change); missing or damaged files are computed again, and the run says which")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.set_defaults(func=run)
     return p
@@ -152,14 +163,25 @@ def config_from_args(args) -> CondenseConfig:
 
 
 def run(args):
+    from torchopt_ext._distributed import process_group
+    from torchopt_ext.distill.rundir import write_error
     try:
+        config = config_from_args(args)
         from torchopt_ext.condense.grid import run_grid
-        results = run_grid(config_from_args(args), args.out, resume=args.resume, progress=not args.no_progress)
+        with process_group() as (rank, _):
+            results = run_grid(config, args.out, resume=args.resume, progress=not args.no_progress)
     except DistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        text = write_error(exc, args.out)
+        if text is None:
+            raise
+        print(f"error: {text}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
-    from torchopt_ext.condense.report import results_markdown
-    print(results_markdown(results))
+    if rank == 0:
+        from torchopt_ext.condense.report import results_markdown
+        print(results_markdown(results))
     return 0

@@ -64,6 +64,10 @@ class CondenseConfig:
     def test_nets(self) -> List[str]:
         return list(self.eval_nets or [self.net])
 
+    def cell_epochs(self, method: str) -> int:
+        """Training epochs of the evaluation nets of a ``method`` cell (the whole-data row may have its own)."""
+        return (self.whole_epochs or self.eval_epochs) if method == "whole" else self.eval_epochs
+
     @property
     def torch_dtype(self):
         import torch

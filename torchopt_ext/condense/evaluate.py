@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,18 +144,22 @@ def replay_steps(net, syn: SyntheticSet):
 
 def evaluate_detailed(syn: SyntheticSet, data: ImageData, net: str = "convnet", n_models: int = 5,
                       epochs: int = 300, seed: int = 0, optimizer: str = "sgd", use_learned_lrs: bool = False,
-                      progress: bool = False, width: int = 128, depth: Optional[int] = None) -> dict:
+                      progress: bool = False, width: int = 128, depth: Optional[int] = None,
+                      models: Optional[Sequence[int]] = None) -> dict:
     """:func:`evaluate_set` with everything measured: {"accuracies", "mean", "std", "wall_s" (per net),
     "training": "protocol" or "replay", ...}. Net j starts from seed derive_seed(seed, net, j) and shuffles
-    with derive_seed(seed, net, j, "batches"): every cell of a grid sees the same initialisations."""
+    with derive_seed(seed, net, j, "batches"): every cell of a grid sees the same initialisations, and a net
+    does not depend on the others. ``models``: train only these of the ``n_models`` nets (default all), for
+    a caller that spreads them over processes and joins the records with :func:`merge_evaluations`."""
     if optimizer not in OPTIMIZERS:
         raise CondenseError(f"--eval-optimizer: expected {'|'.join(OPTIMIZERS)}, got {optimizer!r}")
     replay = use_learned_lrs and syn.lrs is not None
     images, labels = syn.images.detach(), syn.labels.detach().to(syn.images.dtype)
     accs, walls = [], []
-    bar = tqdm(total=n_models * (1 if replay else epochs), disable=not progress, leave=False,
+    models = range(n_models) if models is None else list(models)
+    bar = tqdm(total=len(models) * (1 if replay else epochs), disable=not progress, leave=False,
                desc=f"eval {net}")
-    for j in range(n_models):
+    for j in models:
         t0 = time.perf_counter()
         model = seeded_net(net, data.shape, data.n_classes, derive_seed(seed, net, j), width, depth, images.dtype)
         if replay:
@@ -171,6 +175,13 @@ def evaluate_detailed(syn: SyntheticSet, data: ImageData, net: str = "convnet", 
     mean, std = mean_std(accs)
     return {"net": net, "accuracies": accs, "mean": mean, "std": std, "wall_s": walls, "n_models": n_models,
             "epochs": epochs, "optimizer": optimizer, "training": "replay" if replay else "protocol", "seed": seed}
+
+
+def merge_evaluations(parts: List[dict]) -> dict:
+    """One :func:`evaluate_detailed` record from records of the same evaluation's nets, given in net order."""
+    accs = [a for p in parts for a in p["accuracies"]]
+    mean, std = mean_std(accs)
+    return dict(parts[0], accuracies=accs, mean=mean, std=std, wall_s=[w for p in parts for w in p["wall_s"]])
 
 
 def evaluate_set(syn: SyntheticSet, data: ImageData, net: str = "convnet", n_models: int = 5, epochs: int = 300,

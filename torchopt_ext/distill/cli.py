@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from torchopt_ext._distributed import leave_group
+from torchopt_ext._distributed import on_rank0, process_group
 from torchopt_ext.distill.config import DATASETS, PRESENTATION_FIELDS, DistillConfig, DistillError
 
 _D = DistillConfig()
@@ -162,60 +162,14 @@ def run(args):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.filename is None or exc.strerror is None:
+        from torchopt_ext.distill.rundir import write_error
+        text = write_error(exc, values.get("out") or "")
+        if text is None:
             raise
-        # the system refused a write (disk full, read-only, quota): the user's to fix, not a bug
-        reason = exc.strerror[:1].lower() + exc.strerror[1:]
-        out = values.get("out") or ""
-        hint = ""
-        if out and os.path.isfile(os.path.join(out, "config.json")):
-            hint = f"; once that is fixed, continue with --resume --out {out}"
-        print(f"error: cannot write {exc.filename}: {reason}{hint}", file=sys.stderr)
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    finally:
-        _close_distributed()
-
-
-_owns_group = False  # whether this CLI opened the process group (under torchrun), and so must close it
-
-
-def _init_distributed():
-    global _owns_group
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        _owns_group = True
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _close_distributed():
-    global _owns_group
-    if _owns_group:
-        _owns_group = False
-        leave_group()
-
-
-def _on_rank0(rank, world, fn):
-    """fn() on rank 0 only; a failure there is raised on every rank, so that no rank waits for it."""
-    if world == 1:
-        return fn()
-    import torch.distributed as dist
-    value, box = None, [None]
-    try:
-        if rank == 0:
-            value = fn()
-    except BaseException as exc:
-        box = [str(exc) if isinstance(exc, DistillError) else f"rank 0 failed ({type(exc).__name__}: {exc})"]
-        dist.broadcast_object_list(box, src=0)
-        raise
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise DistillError(box[0])
-    return value
 
 
 def _show(value):
@@ -253,29 +207,29 @@ def _run(values, given):
     else:
         config = config_from_values(values)  # every option checked before any directory is made
         rundir.check_new(out)
-    rank, world = _init_distributed()
-    lock = None  # rank 0's hold on --out
-    try:
-        if resume:
-            lock = _on_rank0(rank, world, lambda: rundir.open_existing(out))
-            config = _resumed_config(out, values, given)
-        import torch
-        from torchopt_ext.distill.data import load_split
-        split = load_split(config, getattr(torch, config.dtype))
-        if not resume:
-            lock = _on_rank0(rank, world, lambda: rundir.create(out))
-        return _work(config, split, values, rank, world)
-    except BaseException as exc:
-        if not resume and lock is not None and rundir.remove_if_disposable(lock):
-            lock = None
-            note = f"{out} was removed, as nothing worth keeping had been written"
-            if isinstance(exc, DistillError):
-                raise DistillError(f"{exc}; {note}") from None
-            print(note, file=sys.stderr)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+    with process_group() as (rank, world):
+        lock = None  # rank 0's hold on --out
+        try:
+            if resume:
+                lock = on_rank0(lambda: rundir.open_existing(out))
+                config = _resumed_config(out, values, given)
+            import torch
+            from torchopt_ext.distill.data import load_split
+            split = load_split(config, getattr(torch, config.dtype))
+            if not resume:
+                lock = on_rank0(lambda: rundir.create(out))
+            return _work(config, split, values, rank, world)
+        except BaseException as exc:
+            if not resume and lock is not None and rundir.remove_if_disposable(lock):
+                lock = None
+                note = rundir.removed_note(out)
+                if isinstance(exc, DistillError):
+                    raise DistillError(f"{exc}; {note}") from None
+                print(note, file=sys.stderr)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _work(config, split, values, rank, world):
@@ -284,7 +238,7 @@ def _work(config, split, values, rank, world):
 
     out, resume = values["out"], values["resume"]
     outputs = Outputs(out, resume, config, split) if rank == 0 else None
-    _on_rank0(rank, world, lambda: outputs.start())
+    on_rank0(lambda: outputs.start())
     t0 = time.perf_counter()
     sets = distill_restarts(config, out, progress=not values["no_progress"], resume=resume, split=split,
                             on_restart=outputs.restart_done if outputs else None)

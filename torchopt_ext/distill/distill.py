@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torchopt_ext._distributed import rank_world
 from torchopt_ext.distill import hypergrad as hg
 from torchopt_ext.distill import io, models
 from torchopt_ext.distill.config import DistillError
@@ -25,13 +26,6 @@ class DistilledSet:
 
 def _dtype(config):
     return getattr(torch, config.dtype)
-
-
-def _world():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _State:
@@ -171,7 +165,7 @@ def _distill(config, out_dir, restart, progress, split, _resume_state):
     config.validate()
     dt = _dtype(config)
     split = load_split(config, dt) if split is None else split
-    rank, world = _world()
+    rank, world = rank_world()
     gen = torch.Generator().manual_seed(config.seed * 1000 + restart)
     state = _State(config, split, gen)
     fixed = _draw_models(config, split, gen, dt) if config.fixed_init else None
@@ -310,7 +304,7 @@ def distill_restarts(config, out_dir=None, progress=True, resume=False, split=No
     """
     config.validate()
     split = load_split(config, _dtype(config)) if split is None else split
-    rank, _ = _world()
+    rank, _ = rank_world()
     results = []
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     ckpt_state = None

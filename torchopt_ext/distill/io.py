@@ -43,14 +43,16 @@ def tensor_digest(obj) -> str:
     return h.hexdigest()
 
 
-def _save_torch(obj, path):
+def save_torch(obj, path):
+    """``obj`` (a dict of tensors and plain values) to ``path``, atomically, with its DIGEST_KEY added."""
     obj = dict(obj)
     obj[DIGEST_KEY] = tensor_digest(obj)
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)
 
 
-def _digest_ok(raw) -> bool:
+def digest_ok(raw) -> bool:
+    """Whether ``raw``, as read back, holds a DIGEST_KEY matching its tensors."""
     return isinstance(raw, dict) and raw.get(DIGEST_KEY) == tensor_digest(raw)
 
 
@@ -62,7 +64,7 @@ def distilled_names(stem):
 def save_distilled(ds, path):
     """Write ``path`` (.pt: tensors and plain values, loadable with weights_only=True) and the .csv files."""
     stem = path[:-3] if path.endswith(".pt") else path
-    _save_torch({"points": ds.points, "labels": ds.labels, "lrs": ds.lrs, "meta": dict(ds.meta)}, stem + ".pt")
+    save_torch({"points": ds.points, "labels": ds.labels, "lrs": ds.lrs, "meta": dict(ds.meta)}, stem + ".pt")
     save_distilled_csv(ds, stem)
     return stem + ".pt"
 
@@ -95,7 +97,7 @@ def load_distilled(path):
         raise DistillError(f"distilled set {path}: no such file") from None
     except Exception as exc:
         raise DistillError(f"distilled set {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from None
-    if DIGEST_KEY in raw and not _digest_ok(raw):  # files from before digests have none
+    if DIGEST_KEY in raw and not digest_ok(raw):  # files from before digests have none
         raise DistillError(f"distilled set {path} is corrupt: its tensors do not match the sha256 stored in it")
     return ds
 
@@ -105,7 +107,7 @@ def save_checkpoint(state, path):
     bad = non_finite(state)
     if bad:
         raise DistillError(f"refusing to write checkpoint {path}: non-finite {', '.join(bad)}")
-    _save_torch(state, path)
+    save_torch(state, path)
 
 
 def non_finite(state):
@@ -129,7 +131,7 @@ def load_checkpoint(path):
     if not all(isinstance(state[k], int) and not isinstance(state[k], bool) for k in ("restart", "epoch", "iteration")):
         raise DistillError(f"--resume: checkpoint {path} is corrupt: restart, epoch and iteration must be "
                            f"integers; {fix}")
-    if not _digest_ok(state):
+    if not digest_ok(state):
         raise DistillError(f"--resume: checkpoint {path} is corrupt: its tensors do not match the sha256 "
                            f"stored in it; {fix}")
     bad = non_finite(state)

@@ -142,17 +142,43 @@ def remove_temporaries(out: str) -> list:
     return gone
 
 
-def remove_if_disposable(lock: RunLock) -> bool:
-    """Removes a new run's directory, and releases the lock, when it holds nothing worth keeping."""
+def _only_temporaries(folder: str) -> bool:
+    return os.path.isdir(folder) and all(_TEMPORARY.match(n) for n in os.listdir(folder))
+
+
+def remove_if_disposable(lock: RunLock, disposable=DISPOSABLE, folders=()) -> bool:
+    """Removes a new run's directory, and releases the lock, when it holds nothing worth keeping: only
+    files named in ``disposable``, temporaries, and subfolders from ``folders`` holding only temporaries."""
     out = lock.out
     names = [n for n in os.listdir(out) if not _TEMPORARY.match(n)]
-    if not set(names) <= DISPOSABLE:
+    empty = {f for f in folders if _only_temporaries(os.path.join(out, f))}
+    if not set(names) <= set(disposable) | {LOCK, LOCK_INFO} | empty:
         return False
     remove_temporaries(out)
     for name in names:
-        if name not in (LOCK, LOCK_INFO):
+        if name in empty:
+            remove_temporaries(os.path.join(out, name))
+            os.rmdir(os.path.join(out, name))
+        elif name not in (LOCK, LOCK_INFO):
             os.unlink(os.path.join(out, name))
     lock.release()
     os.unlink(os.path.join(out, LOCK))
     os.rmdir(out)
     return True
+
+
+def removed_note(out: str) -> str:
+    """What a failed new run says after remove_if_disposable removed its directory."""
+    return f"{out} was removed, as nothing worth keeping had been written"
+
+
+def write_error(exc: OSError, out: str):
+    """The one-line message for a write the system refused (disk full, read-only, quota: the user's to
+    fix), with how to continue; None for an OSError that names no file, which is a bug to show in full."""
+    if exc.filename is None or exc.strerror is None:
+        return None
+    reason = exc.strerror[:1].lower() + exc.strerror[1:]
+    hint = ""
+    if out and os.path.isfile(os.path.join(out, CONFIG)):
+        hint = f"; once that is fixed, continue with --resume --out {out}"
+    return f"cannot write {exc.filename}: {reason}{hint}"

@@ -168,6 +168,11 @@ def test_set_layout_lrs_meta_and_seeding(tiny, experts_dir):
     assert 0.0 <= accs[0] <= 1.0
 
 
+def test_every_expert_and_start_epoch_is_drawn(tiny, experts_dir):
+    s = run(tiny, experts_dir, iterations=16, syn_steps=1, lr_img=1e-12, lr_lr=1e-12)
+    assert {e for e, _ in s.meta["starts"]} == {0, 1} and {t for _, t in s.meta["starts"]} == {0, 1, 2}
+
+
 def test_images_move_and_real_init_is_a_real_image(tiny, experts_dir):
     still = run(tiny, experts_dir, iterations=1, lr_img=1e-12, lr_lr=1e-12)
     flat = tiny.x_train.reshape(len(tiny.y_train), -1)

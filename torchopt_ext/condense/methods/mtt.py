@@ -29,7 +29,7 @@ inclusive (the reference draws t < max_start_epoch).
 SyntheticSet: images (K ipc, C, H, W), one-hot labels, ``lrs`` = alpha repeated R = ceil(N T / M) times with
 ``meta["steps"] = 1``: ``--use-learned-lrs`` replays R full-set plain SGD steps of alpha from a fresh
 initialisation, the student's pace over as many epochs as an expert trains (T = train_epochs).
-``meta``: options, losses, alpha per iteration, the experts' record (folder, test accuracy, trained/reused,
+``meta``: options, losses, alpha and [expert, t] per iteration, the experts' record (folder, test accuracy, trained/reused,
 seconds) and ``peak_state_bytes`` (the most parameter copies the unroll held in one iteration, bytes) next to
 ``param_bytes`` (one copy).
 """
@@ -200,16 +200,17 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
     net = E.architecture(record.pop("key"), data)
     m, n = images.shape[0], opts.syn_steps
     batch = min(opts.batch_syn or m, m)
-    losses, alphas, peak = [], [], 0
+    losses, alphas, starts, peak = [], [], [], 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=opts.iterations, desc=f"mtt ipc {ipc}", unit="it", leave=False)
     try:
         for it in range(opts.iterations):
-            expert = trajectories[int(torch.randint(len(trajectories), (1,), generator=generator))]
+            e = int(torch.randint(len(trajectories), (1,), generator=generator))
             t = int(torch.randint(opts.max_start_epoch + 1, (1,), generator=generator))
-            start, target = epoch_params(expert, t), epoch_params(expert, t + opts.expert_epochs)
+            starts.append([e, t])
+            start, target = epoch_params(trajectories[e], t), epoch_params(trajectories[e], t + opts.expert_epochs)
             idx = student_batches(m, n, batch, generator)
             stats = {}
             opt.zero_grad(set_to_none=True)
@@ -231,8 +232,8 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
     alpha = log_alpha.detach().exp()
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     meta = {"method": "mtt", "ipc": ipc, "options": dataclasses.asdict(opts), "losses": losses, "alphas": alphas,
-            "alpha": float(alpha), "experts": record, "peak_state_bytes": peak, "param_bytes": param_bytes,
-            "steps": 1, "replay_steps": opts.replay_steps,
+            "starts": starts, "alpha": float(alpha), "experts": record, "peak_state_bytes": peak,
+            "param_bytes": param_bytes, "steps": 1, "replay_steps": opts.replay_steps,
             "layout": "ipc images of class 0, then class 1, ...; lrs: alpha repeated replay_steps times, each a "
                       "plain SGD step on the whole set",
             "seconds": time.perf_counter() - t1, "expert_seconds": t1 - t0}

@@ -213,7 +213,7 @@ def test_smoke_beats_random_real_images(tiny, experts_dir):
 
 @pytest.mark.parametrize("name, value, expected", [
     ("experts", 0, "an integer >= 1"), ("syn_steps", 1.5, "an integer >= 1"), ("iterations", True, "an integer"),
-    ("max_start_epoch", -1, "an integer >= 0"), ("batch_syn", 0, "an integer >= 1 or none"),
+    ("max_start_epoch", -1, "an integer >= 0 or none"), ("batch_syn", 0, "an integer >= 1 or none"),
     ("checkpoint_every", 0, "an integer >= 1 or none"), ("lr_img", 0.0, "a finite number > 0"),
     ("expert_lr", float("nan"), "a finite number > 0"), ("lr_init", -1.0, "a finite number > 0 or none"),
     ("init", "zeros", "real or noise"), ("experts_dir", 3, "a folder"),
@@ -229,6 +229,15 @@ def test_start_plus_expert_epochs_must_fit_the_trajectory():
     with pytest.raises(DistillError, match="--mtt-max-start-epoch \\+ --mtt-expert-epochs: expected at most "
                                            "--mtt-train-epochs \\(7\\).*got 6 \\+ 2"):
         T.MTTOptions(train_epochs=7, max_start_epoch=6, expert_epochs=2).validate()
+
+
+def test_default_last_start_epoch_grows_with_ipc_within_the_trajectory():
+    opts = T.MTTOptions()
+    assert [opts.max_start(k) for k in (1, 3, 5, 7, 10, 50)] == [5, 5, 5, 7, 10, 10]
+    assert T.MTTOptions(train_epochs=6, expert_epochs=2).max_start(10) == 4
+    assert T.MTTOptions(max_start_epoch=1).max_start(10) == 1
+    with pytest.raises(DistillError, match="--mtt-max-start-epoch \\+ --mtt-expert-epochs.*got 0 \\+ 3"):
+        T.MTTOptions(train_epochs=2, expert_epochs=3).validate()
 
 
 def test_grid_config_checks_and_defaults():

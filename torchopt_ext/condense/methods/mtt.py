@@ -64,9 +64,9 @@ class MTTOptions:
     experts_dir: str = ""           # cache folder of the trajectories ('': OUT/experts inside the grid's --out)
     syn_steps: int = 10             # N: student steps per iteration
     expert_epochs: int = 2          # M: the student's target is theta*_{t+M}
-    max_start_epoch: int = 5        # t is drawn from 0..max_start_epoch
-    iterations: int = 200           # SGD steps on the images and alpha
-    batch_syn: Optional[int] = None  # images per student step (None: the whole set)
+    max_start_epoch: Optional[int] = None  # t is drawn from 0..max_start_epoch (None: min(10, max(5, ipc)))
+    iterations: int = 100           # SGD steps on the images and alpha
+    batch_syn: Optional[int] = 50   # images per student step, at most the set (None: the whole set)
     lr_img: float = 100.0           # SGD lr (momentum 0.5) on the images
     lr_lr: float = 0.01             # SGD lr (momentum 0.5) on log alpha
     lr_init: Optional[float] = None  # alpha's start (None: expert_lr)
@@ -92,7 +92,8 @@ class MTTOptions:
 
         for name in ("experts", "train_epochs", "expert_batch", "syn_steps", "expert_epochs", "iterations"):
             need(integer(getattr(self, name), 1), name, "an integer >= 1", getattr(self, name))
-        need(integer(self.max_start_epoch, 0), "max_start_epoch", "an integer >= 0", self.max_start_epoch)
+        need(self.max_start_epoch is None or integer(self.max_start_epoch, 0), "max_start_epoch",
+             "an integer >= 0 or none", self.max_start_epoch)
         for name in ("batch_syn", "checkpoint_every"):
             v = getattr(self, name)
             need(v is None or integer(v, 1), name, "an integer >= 1 or none", v)
@@ -101,11 +102,18 @@ class MTTOptions:
         need(self.lr_init is None or positive(self.lr_init), "lr_init", "a finite number > 0 or none", self.lr_init)
         need(self.init in INITS, "init", " or ".join(INITS), self.init)
         need(isinstance(self.experts_dir, str), "experts_dir", "a folder", self.experts_dir)
-        if self.max_start_epoch + self.expert_epochs > self.train_epochs:
+        if (self.max_start_epoch or 0) + self.expert_epochs > self.train_epochs:
             raise DistillError(f"--mtt-max-start-epoch + --mtt-expert-epochs: expected at most --mtt-train-epochs "
-                               f"({self.train_epochs}), the experts' length; got {self.max_start_epoch} + "
+                               f"({self.train_epochs}), the experts' length; got {self.max_start_epoch or 0} + "
                                f"{self.expert_epochs}")
         return self
+
+    def max_start(self, ipc: int) -> int:
+        """The last start epoch: max_start_epoch, or by default min(10, max(5, ipc)) within the trajectory
+        (one image per class cannot follow an expert far into training; larger sets gain from later starts)."""
+        if self.max_start_epoch is not None:
+            return self.max_start_epoch
+        return min(10, max(5, ipc), self.train_epochs - self.expert_epochs)
 
     @property
     def alpha0(self) -> float:
@@ -200,6 +208,7 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
     net = E.architecture(record.pop("key"), data)
     m, n = images.shape[0], opts.syn_steps
     batch = min(opts.batch_syn or m, m)
+    last = opts.max_start(ipc)
     losses, alphas, starts, peak = [], [], [], 0
     bar = None
     if progress:
@@ -208,7 +217,7 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
     try:
         for it in range(opts.iterations):
             e = int(torch.randint(len(trajectories), (1,), generator=generator))
-            t = int(torch.randint(opts.max_start_epoch + 1, (1,), generator=generator))
+            t = int(torch.randint(last + 1, (1,), generator=generator))
             starts.append([e, t])
             start, target = epoch_params(trajectories[e], t), epoch_params(trajectories[e], t + opts.expert_epochs)
             idx = student_batches(m, n, batch, generator)

@@ -248,6 +248,17 @@ def test_grid_config_checks_and_defaults():
     assert dataclasses.replace(defaults, lr_init=0.02).alpha0 == 0.02
 
 
+def test_flags_parse_to_typed_options():
+    from torchopt_ext.cli import build_parser
+    from torchopt_ext.condense.cli import config_from_args
+    args = build_parser().parse_args(["condense", "--method", "mtt", "--mtt-max-start-epoch", "3", "--mtt-lr-init",
+                                      "0.02", "--mtt-checkpoint-every", "none", "--mtt-experts-dir", "/tmp/x",
+                                      "--mtt-lr-img", "50"])
+    opts = T.MTTOptions.from_config(config_from_args(args))
+    assert (opts.max_start_epoch, opts.lr_init, opts.checkpoint_every, opts.experts_dir, opts.lr_img) == (
+        3, 0.02, None, "/tmp/x", 50.0)
+
+
 def test_experts_dir_defaults_to_the_grids_out(tmp_path):
     opts = T.MTTOptions()
     assert T.experts_root(opts, types.SimpleNamespace(out=str(tmp_path))) == str(tmp_path / "experts")

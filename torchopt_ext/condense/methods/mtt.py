@@ -6,32 +6,36 @@ epoch t uniformly from 0..max_start_epoch, takes N student steps on the syntheti
 
     theta_{k+1} = theta_k - alpha grad l(f_{theta_k}(x~_B(k)), y~_B(k)),   theta_0 = theta*_t,
 
-on minibatches B(k) of S images (consecutive chunks of concatenated random permutations of the set, so
-each image is used once per pass; S = the whole set by default), and minimises
+on minibatches B(k) of ``batch_syn`` images (consecutive chunks of concatenated random permutations of the
+set, so each image is used once per pass), and minimises
 
     L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2    (sums over all parameters)
 
 over the images and the step size by SGD with momentum 0.5 (the reference's optimiser). The gradient is the
 reverse-loop unroll of condense/unroll.py (``checkpoint_every`` trades recomputation for memory); alpha =
 exp(a) is log-parametrised, so a step on a changes alpha by a fixed ratio and alpha stays positive.
-Labels are fixed one-hot, ipc images per class, class-major.
+Labels are fixed one-hot, ipc images per class, class-major; images start from random real ones
+(``init="noise"``: N(0, 1) in the standardised space).
 
-Options (``config.mtt_<name>``, flags ``--mtt-<name>``; :class:`MTTOptions`). The reference code's and
-paper's settings for comparison: 100 experts of 50 epochs at lr 0.01 (momentum 0, DSA on), N = 20,
-M = 3, max_start_epoch 25 (code defaults; the paper's table: N 20-80, M 2-4, T+ 2-40), 5000 iterations,
-pixel lr 1000 on ZCA-whitened CIFAR, lr lr 1e-5 on alpha itself, alpha from the experts' lr.
+Options (``config.mtt_<name>``, flags ``--mtt-<name>``): :class:`MTTOptions`. Defaults: 5 experts of 15
+epochs at lr 0.1, N = 10, M = 2, max_start_epoch min(10, max(5, ipc)), 100 iterations, batch_syn 50, pixel
+lr 100, lr 0.01 on log alpha, alpha from the experts' lr. The reference code's defaults: 100 experts of 50
+epochs at lr 0.01 (momentum 0, DSA), N = 20, M = 3, max_start_epoch 25, 5000 iterations, the whole set per
+step, pixel lr 1000 on ZCA-whitened CIFAR, lr 1e-5 on alpha itself (the paper tunes N, M, max_start_epoch
+and the lrs per dataset and ipc).
 
-Differs from the paper: defaults sized for a CPU and 8x8 digits (few experts, short trajectories; an epoch
-of digits is 5 steps against CIFAR's 196, hence the experts' larger lr); no augmentation (the ``augment``
-hook of :func:`distill` takes one); alpha is log-parametrised; the start epoch is drawn from 0..max_start_epoch
-inclusive (the reference draws t < max_start_epoch).
+Differs from the paper: defaults sized for a CPU and 8x8 digits (few experts, short trajectories, few
+iterations; an epoch of digits is 5 steps against CIFAR's 196, hence the experts' larger lr); no
+augmentation (the ``augment`` hook of :func:`distill` takes one); alpha is log-parametrised; the start epoch
+is drawn from 0..max_start_epoch inclusive (the reference draws t < max_start_epoch); the evaluation trains
+with the pipeline's fixed protocol, not at the learned alpha.
 
 SyntheticSet: images (K ipc, C, H, W), one-hot labels, ``lrs`` = alpha repeated R = ceil(N T / M) times with
-``meta["steps"] = 1``: ``--use-learned-lrs`` replays R full-set plain SGD steps of alpha from a fresh
-initialisation, the student's pace over as many epochs as an expert trains (T = train_epochs).
-``meta``: options, losses, alpha and [expert, t] per iteration, the experts' record (folder, test accuracy, trained/reused,
-seconds) and ``peak_state_bytes`` (the most parameter copies the unroll held in one iteration, bytes) next to
-``param_bytes`` (one copy).
+``meta["steps"] = 1``: ``--use-learned-lrs`` replays R plain SGD steps of alpha on the whole set from a fresh
+initialisation, the student's pace over as many epochs as an expert trains (T = train_epochs). ``meta``:
+options, losses, alpha and [expert, t] per iteration, the experts' record (folder, test accuracies,
+trained / reused, seconds), ``peak_state_bytes`` (the most parameter copies the unroll held in one
+iteration, in bytes) next to ``param_bytes`` (one copy), and the seconds of distillation and of the experts.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ class MTTOptions:
     expert_epochs: int = 2          # M: the student's target is theta*_{t+M}
     max_start_epoch: Optional[int] = None  # t is drawn from 0..max_start_epoch (None: min(10, max(5, ipc)))
     iterations: int = 100           # SGD steps on the images and alpha
-    batch_syn: Optional[int] = 50   # images per student step, at most the set (None: the whole set)
+    batch_syn: Optional[int] = 50   # images per student step (the whole set when it has fewer)
     lr_img: float = 100.0           # SGD lr (momentum 0.5) on the images
     lr_lr: float = 0.01             # SGD lr (momentum 0.5) on log alpha
     lr_init: Optional[float] = None  # alpha's start (None: expert_lr)

@@ -25,7 +25,7 @@ import torch
 
 from torchopt_ext._atomic import atomic_open
 from torchopt_ext.condense.config import derive_seed
-from torchopt_ext.condense.nets import make_net, seeded_net
+from torchopt_ext.condense.nets import seeded_net
 from torchopt_ext.condense.types import ImageData
 from torchopt_ext.distill.io import DIGEST_KEY, tensor_digest
 
@@ -58,15 +58,9 @@ def expert_path(root: str, key: dict, j: int) -> str:
 
 
 def key_net(key: dict, data: ImageData, seed: int = 0) -> torch.nn.Module:
-    """The key's architecture, initialised from ``seed``, in the key's dtype."""
+    """The key's architecture, initialised from ``seed`` (the global random stream untouched), in its dtype."""
     return seeded_net(key["net"], data.shape, data.n_classes, seed, key["width"], key["depth"],
-                      getattr(torch, key["dtype"].replace("torch.", "")))
-
-
-def architecture(key: dict, data: ImageData) -> torch.nn.Module:
-    """The key's architecture for torch.func.functional_call (its own parameters are not used)."""
-    net = make_net(key["net"], data.shape, data.n_classes, key["width"], key["depth"])
-    return net.to(getattr(torch, key["dtype"].replace("torch.", "")))
+                      getattr(torch, key["dtype"].removeprefix("torch.")))
 
 
 def train_expert(data: ImageData, key: dict, j: int, augment: Optional[Augment] = None,
@@ -146,7 +140,7 @@ def expert_trajectories(data: ImageData, config, n_experts: int, epochs: int, lr
     if not os.path.isfile(key_file):
         with atomic_open(key_file) as fh:   # for people reading the cache; loading checks each file's own key
             fh.write(json.dumps(key, indent=1, sort_keys=True))
-    shapes = {name: tuple(p.shape) for name, p in architecture(key, data).named_parameters()}
+    shapes = {name: tuple(p.shape) for name, p in key_net(key, data).named_parameters()}
     states = {}
     for j in range(n_experts):
         path = expert_path(root, key, j)

@@ -209,7 +209,7 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
     log_alpha = torch.tensor(math.log(opts.alpha0), dtype=dt).requires_grad_()
     opt = torch.optim.SGD([{"params": [images], "lr": opts.lr_img}, {"params": [log_alpha], "lr": opts.lr_lr}],
                           momentum=MOMENTUM)
-    net = E.architecture(record.pop("key"), data)
+    net = E.key_net(record.pop("key"), data)   # the architecture: the student's parameters are passed to it
     m, n = images.shape[0], opts.syn_steps
     batch = min(opts.batch_syn or m, m)
     last = opts.max_start(ipc)

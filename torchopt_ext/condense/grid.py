@@ -77,6 +77,7 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
     same epochs. A new grid that fails before any set was saved leaves no directory behind.
     """
     config.validate()
+    config.out = out   # not a field (not saved): where methods keep reusable work, e.g. mtt's OUT/experts
     methods = load_methods()
     rank, _ = rank_world()
     on_rank0(lambda: check_out(out, resume))

@@ -143,9 +143,10 @@ class Rates:
 
 
 def hypergradient(net: torch.nn.Module, thetas: List[dict], outer: Callable, batches: Callable,
-                  rates: Rates, opts: BilevelOptions, need_x: bool = True) -> float:
+                  rates: Rates, opts: BilevelOptions, need_x: bool = True, stats: Optional[dict] = None) -> float:
     """L for these theta_0 and this outer loss; adds dL/d(learned tensor) to the .grad of each learned tensor.
 
+    ``stats``, when given, is updated with the unroll's stats (peak_state_bytes, n, checkpoint_every).
     Raises FloatingPointError when L or a hypergradient is not finite.
     """
     with torch.enable_grad():
@@ -153,6 +154,8 @@ def hypergradient(net: torch.nn.Module, thetas: List[dict], outer: Callable, bat
         eta = rates()
     h = U.unroll_hypergrad(net, thetas, x.detach(), y.detach(), eta.detach(), outer,
                            checkpoint_every=opts.checkpoint_every, need_x=need_x)
+    if stats is not None:
+        stats.update(h.stats)
     pairs = [(t, g) for t, g in ((x, h.x), (y, h.y), (eta, h.lrs)) if g is not None and t.requires_grad]
     if not (math.isfinite(h.loss) and all(bool(torch.isfinite(g).all()) for _, g in pairs)):
         raise FloatingPointError(f"non-finite hypergradient (outer loss {h.loss})")

@@ -21,6 +21,8 @@ CI_RUNS = {
     "ld": ["--ld-outer-iters", "3", "--ld-epochs", "2", "--ld-batch-real", "64"],
     "gtn": ["--gtn-outer-iters", "3", "--gtn-epochs", "2", "--gtn-batch-real", "64", "--gtn-gen-width", "8"],
     "kip": ["--kip-iterations", "3", "--kip-target-batch", "64"],
+    "mtt": ["--mtt-experts", "1", "--mtt-train-epochs", "3", "--mtt-iterations", "2", "--mtt-syn-steps", "2",
+            "--mtt-expert-epochs", "1", "--mtt-max-start-epoch", "1"],
 }
 
 

@@ -1,5 +1,5 @@
 """condense/augment.py: each family against a hand-computed case, siamese draws, gradients into the input,
-the strategy option."""
+the strategy option, and the evaluation protocol's --eval-augment."""
 import math
 
 import pytest
@@ -164,3 +164,54 @@ def test_strategy_parsing_and_flip_off_for_digits():
         with pytest.raises(DistillError, match="--dsa-strategy: expected 'auto', 'none'"):
             A.parse_strategy(bad, "digits", "--dsa-strategy")
 
+
+def test_eval_augment_draws_per_batch_seeded_and_stated(monkeypatch):
+    """--eval-augment: every training batch of every evaluation net goes through augment() with the data set's
+    families and a per-net seeded generator; the numbers differ from plain training and repeat exactly."""
+    from torchopt_ext.condense import evaluate as E
+    from torchopt_ext.condense.data import load_images
+    from torchopt_ext.condense.methods import load_methods
+    data = load_images("digits")
+    syn = load_methods()["random"](data, 30, None, gen(0))      # 300 images: two batches per epoch
+    calls = []
+
+    def recording(x, fams, generator):
+        calls.append((x.shape[0], tuple(fams)))
+        return A.augment(x, fams, generator)
+
+    monkeypatch.setattr(E, "augment_batch", recording)
+    run = dict(net="convnet", n_models=2, epochs=2, width=4)
+    plain = E.evaluate_detailed(syn, data, **run)
+    assert calls == [] and plain["augment"] == []
+    a = E.evaluate_detailed(syn, data, augment=True, **run)
+    assert calls == [(256, A.default_strategy("digits")), (44, A.default_strategy("digits"))] * 4
+    assert a["augment"] == ["color", "crop", "cutout", "scale", "rotate"]
+    from torchopt_ext.condense.nets import seeded_net
+
+    def trained(augment):
+        net = seeded_net("convnet", data.shape, 10, seed=1, width=4)
+        aug = (A.default_strategy("digits"), gen(5)) if augment else None
+        E.train_protocol(net, syn.images, syn.labels, 1, gen(2), augment=aug)
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert torch.equal(trained(True), trained(True)) and not torch.allclose(trained(True), trained(False))
+    assert "augmented by DSA" in E.protocol_text(5, 300, augment=True)
+    assert "no augmentation" in E.protocol_text(5, 300)
+
+
+def test_eval_augment_flag_reaches_the_config_and_the_command():
+    import argparse
+    from torchopt_ext.condense.cli import add_parser, config_from_args
+    from torchopt_ext.condense.config import CondenseConfig
+    from torchopt_ext.condense.report import results_markdown
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    cfg = config_from_args(parser.parse_args(["condense", "--eval-augment"]))
+    assert cfg.eval_augment is True and "--eval-augment" in cfg.command("out")
+    assert config_from_args(parser.parse_args(["condense"])).eval_augment is False
+    assert CondenseConfig.from_json(cfg.to_json()).eval_augment is True
+    with pytest.raises(DistillError, match="--eval-augment: expected true or false"):
+        CondenseConfig(eval_augment="yes").validate()
+    import dataclasses
+    results = {"config": dataclasses.asdict(cfg), "cells": {}, "command": "c",
+               "data": {"name": "digits", "n_train": 1, "n_test": 1, "shape": [1, 8, 8], "zca": False, "split": {}}}
+    assert "augmented by DSA" in results_markdown(results)

@@ -99,11 +99,11 @@ def test_distance_refuses_mismatched_or_empty_gradients():
         D.gradient_distance([torch.zeros(3)], [torch.zeros(3)])
 
 
-@pytest.mark.parametrize("ipc, expected", [(1, (1, 1)), (10, (10, 50)), (50, (50, 10)), (20, (20, 25)),
-                                           (5, (1, 1)), (6, (10, 50)), (200, (50, 10))])
-def test_loops_by_ipc(ipc, expected):
-    assert D.loops(ipc, D.DCOptions()) == expected
-    assert D.loops(ipc, D.DCOptions(outer_loop=3, inner_loop=2)) == (3, 2)
+@pytest.mark.parametrize("ipc, expected", [(1, (80, 1, 1)), (10, (3, 10, 50)), (50, (1, 50, 10)),
+                                           (20, (1, 20, 25)), (5, (80, 1, 1)), (6, (3, 10, 50)), (200, (1, 50, 10))])
+def test_schedule_by_ipc(ipc, expected):
+    assert D.schedule(ipc, D.DCOptions()) == expected
+    assert D.schedule(ipc, D.DCOptions(iterations=4, outer_loop=3, inner_loop=2)) == (4, 3, 2)
 
 
 @pytest.mark.parametrize("fams", [(), ("crop",), ("color", "scale")])
@@ -180,7 +180,7 @@ def test_shapes_meta_and_seeding(tiny, method):
     a = run(method, tiny, **small)
     assert a.images.shape == (20, 1, 8, 8) and a.lrs is None
     assert torch.equal(a.hard_labels, torch.arange(10).repeat_interleave(2))
-    assert a.meta["method"] == method and (a.meta["outer_loop"], a.meta["inner_loop"]) == (2, 1)
+    assert a.meta["method"] == method and (a.meta["iterations"], a.meta["outer_loop"], a.meta["inner_loop"]) == (2, 2, 1)
     assert len(a.meta["losses"]) == 2 and all(b > a.images.numel() * 4 for b in a.meta["held_bytes"])
     assert a.meta["augment"] == ([] if method == "dc" else ["color", "crop", "cutout", "scale", "rotate"])
     b = run(method, tiny, **small)
@@ -197,7 +197,7 @@ def test_real_init_starts_from_the_random_baselines_images(tiny):
 
 
 @pytest.mark.parametrize("name, value, match", [
-    ("iterations", 0, "--dc-iterations: expected a positive integer"),
+    ("iterations", 0, "--dc-iterations: expected a positive integer or none"),
     ("lr_img", -1.0, "--dc-lr-img: expected a finite number > 0"),
     ("init", "zeros", "--dc-init: expected real or noise"),
     ("outer_loop", 0, "--dc-outer-loop: expected a positive integer or none"),

@@ -30,6 +30,7 @@ class MatchOptions:
     momentum_img: float = 0.5      # SGD momentum on the synthetic images
     batch_real: int = 256          # real images per class per matching step (all of a smaller class)
     init: str = "real"             # real | noise: what the images start from
+    iterations_by_ipc = False      # a class constant, not an option: True where iterations None means "by ipc"
 
     @classmethod
     def from_config(cls, config, prefix: str):
@@ -56,8 +57,8 @@ class MatchOptions:
         self.need(ok, prefix, name, "a finite number " + (">= 0" if low_ok else "> 0"))
 
     def validate(self, prefix: str):
-        for name in ("iterations", "batch_real"):
-            self.positive_int(prefix, name)
+        self.positive_int(prefix, "iterations", allow_none=self.iterations_by_ipc)
+        self.positive_int(prefix, "batch_real")
         self.number(prefix, "lr_img")
         self.number(prefix, "momentum_img", low_ok=True)
         self.need(self.init in INITS, prefix, "init", " or ".join(INITS))

@@ -16,14 +16,16 @@ DSA applies one draw of A_w (condense/augment.py, ``strategy``) to T_c and S_c a
 net's training batches per image.
 
 Defaults: (outer_loop, inner_loop) by ipc as the reference code's get_loops, 1 -> (1, 1), 10 -> (10, 50),
-20 -> (20, 25), 30 -> (30, 20), 40 -> (40, 15), 50 -> (50, 10), another ipc taking the nearest tabulated
-one's; lr_img 0.1, momentum 0.5, lr_net 0.01 without momentum, batch_real 256, batch_train 256, init from real
-images; DSA's strategy "auto" (all six families, flip left out on digit datasets).
+20 -> (20, 25), 30 -> (30, 20), 40 -> (40, 15), 50 -> (50, 10), and iterations by ipc, 1 -> 80, 10 -> 3,
+20 and more -> 1, another ipc taking the nearest tabulated one's; lr_img 0.1, momentum 0.5, lr_net 0.01
+without momentum, batch_real 256, batch_train 256, init from real images; DSA's strategy "auto" (all six
+families, flip left out on digit datasets).
 
-Differs from the papers: 100 outer iterations instead of 1000 by default (so a digits cell at ipc 10 fits
-the CPU budget of the calibration grid, docs/CONDENSE.md), init from real images by default (the DC code's
-default is noise); a batch-norm net's statistics are frozen at the exact batch statistics of 16 real images
-per class before each matching step (the reference takes a running average). The per-class distance is
+Differs from the papers: 80 iterations at ipc 1 and 3 at ipc 10 instead of 1000 (so a digits cell fits the
+CPU budget of the calibration grid, docs/CONDENSE.md: at ipc 10 one iteration is 10 matching steps and 450
+training steps, about half a minute on one core); init from real images by default (the DC code's default
+is noise); a batch-norm net's statistics are frozen at the exact batch statistics of 16 real images per
+class before each matching step (the reference takes a running average). The per-class distance is
 back-propagated class by class into x~ (the same gradient as the reference's sum, less memory).
 meta: per iteration the mean distance per class and matching step (``losses``) and the peak bytes of
 tensors held (``held_bytes``: images, their momentum, the net, both gradients and what autograd saves for
@@ -43,17 +45,22 @@ from torchopt_ext.condense.methods import _matching as M
 from torchopt_ext.condense.methods import register
 from torchopt_ext.condense.types import ImageData, SyntheticSet
 
-LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}  # ipc -> (outer, inner)
+# ipc -> (outer_loop, inner_loop) of the reference code, and the default iterations that keep a digits cell
+# within the CPU budget (docs/CONDENSE.md)
+LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+ITERATIONS = {1: 80, 10: 3, 20: 1, 30: 1, 40: 1, 50: 1}
 BN_IMAGES = 16          # real images per class that set a batch-norm net's frozen statistics
 EPS = 1e-6              # the reference's guard in the cosine's denominator
 
 
 @dataclass
 class DCOptions(M.MatchOptions):
-    outer_loop: Optional[int] = None   # matching steps per net (none: by ipc, 1 -> 1, 10 -> 10, 50 -> 50)
-    inner_loop: Optional[int] = None   # epochs of net training on S between them (none: by ipc, 1, 50, 10)
+    iterations: Optional[int] = None   # outer iterations, a fresh net each (none: by ipc, 80 at ipc 1, 3 at 10, 1 from 20)
+    outer_loop: Optional[int] = None   # matching steps per net (none: by ipc, 1 at ipc 1, 10 at 10, 50 at 50)
+    inner_loop: Optional[int] = None   # epochs training the net on S between them (none: by ipc, 1 at 1, 50 at 10, 10 at 50)
     lr_net: float = 0.01               # SGD step of the net trained on S
     batch_train: int = 256             # batch of that training
+    iterations_by_ipc = True
 
     def validate(self, prefix: str):
         super().validate(prefix)
@@ -68,11 +75,12 @@ class DSAOptions(DCOptions):
     strategy: str = "auto"             # A_w families joined by _ (color, crop, cutout, flip, scale, rotate), auto or none
 
 
-def loops(ipc: int, opts: DCOptions) -> Tuple[int, int]:
-    """(outer_loop, inner_loop): the options where set, else those of the nearest tabulated ipc (ties: smaller)."""
+def schedule(ipc: int, opts: DCOptions) -> Tuple[int, int, int]:
+    """(iterations, outer_loop, inner_loop): the options where set, else those of the nearest tabulated ipc
+    (ties: the smaller)."""
     key = min(LOOPS, key=lambda k: (abs(k - ipc), k))
     outer, inner = LOOPS[key]
-    return (opts.outer_loop or outer), (opts.inner_loop or inner)
+    return (opts.iterations or ITERATIONS[key]), (opts.outer_loop or outer), (opts.inner_loop or inner)
 
 
 def matched(params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -156,15 +164,15 @@ def train_on_set(net, images: torch.Tensor, labels: torch.Tensor, epochs: int, o
 def condense(name: str, opts: DCOptions, fams: Sequence[str], data: ImageData, ipc: int, config,
              generator: torch.Generator, progress: bool) -> SyntheticSet:
     t0 = time.perf_counter()
-    outer_loop, inner_loop = loops(ipc, opts)
+    iterations, outer_loop, inner_loop = schedule(ipc, opts)
     images = M.initial_images(data, ipc, opts.init, generator).requires_grad_()
     labels = torch.arange(data.n_classes).repeat_interleave(ipc)
     pools = M.class_pools(data)
     opt = torch.optim.SGD([images], lr=opts.lr_img, momentum=opts.momentum_img)
     bn_pools = [p[:BN_IMAGES] for p in pools]
     held, losses, held_bytes = M.Held(), [], []
-    with M.progress_bar(progress, opts.iterations, f"{name} ipc {ipc}") as bar:
-        for it in range(opts.iterations):
+    with M.progress_bar(progress, iterations, f"{name} ipc {ipc}") as bar:
+        for it in range(iterations):
             net = M.fresh_net(config, data, generator)
             loss = 0.0
             for ol in range(outer_loop):
@@ -181,7 +189,7 @@ def condense(name: str, opts: DCOptions, fams: Sequence[str], data: ImageData, i
             held_bytes.append(held.take() + M.nbytes(t for t in opt.state[images].values() if torch.is_tensor(t)))
             M.tick(bar, losses[-1], held_bytes[-1])
     return M.result(images, data, ipc, name, opts, {
-        "outer_loop": outer_loop, "inner_loop": inner_loop, "augment": list(fams), "losses": losses,
+        "iterations": iterations, "outer_loop": outer_loop, "inner_loop": inner_loop, "augment": list(fams), "losses": losses,
         "held_bytes": held_bytes, "seconds": time.perf_counter() - t0})
 
 

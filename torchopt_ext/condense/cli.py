@@ -42,7 +42,7 @@ def add_parser(sub):
         "class) it builds the synthetic set, then trains --eval-models fresh nets of each --eval-nets on that set "
         "only and tests them on the real test part. Protocol: SGD lr 0.01, momentum 0.9, weight decay 5e-4, "
         "batch 256, --eval-epochs epochs with the lr x0.1 from half of them, cross-entropy against the set's "
-        "(soft) labels, no augmentation; results are mean ± std over the nets. Outputs in --out: "
+        "(soft) labels, no augmentation unless --eval-augment; results are mean ± std over the nets. Outputs in --out: "
         "cells/<method>_ipc<k>.pt (the set; torch.load(weights_only=True)), cells/<method>_ipc<k>.png (its images "
         "per class), results.json (every number: per-net accuracies, wall times), results.md (rows methods with "
         "random first and the whole-data row last, columns ipc per evaluation net), config.json. "
@@ -83,6 +83,10 @@ def add_parser(sub):
                    "settings; adaptive: AdaptiveLRSGD's five-probe lr from 0.01, no schedule")
     g.add_argument("--use-learned-lrs", action="store_true",
                    help="train on sets with learned step sizes (dd) by replaying their distilled steps instead")
+    g.add_argument("--eval-augment", action="store_true",
+                   help="augment every training batch of the evaluation nets by DSA (one family per batch from "
+                   "color, crop, cutout, flip, scale, rotate; flip left out on digit data sets; parameters per image, "
+                   "seeded per net)")
     g.add_argument("--seed", type=int, default=_D.seed,
                    help="seeds the split, every method (with its name and ipc) and the evaluation nets")
     g.add_argument("--dtype", default=_D.dtype, choices=("float32", "float64"))

@@ -46,6 +46,7 @@ class CondenseConfig:
     whole_epochs: Optional[int] = None   # default: eval_epochs
     eval_optimizer: str = "sgd"
     use_learned_lrs: bool = False
+    eval_augment: bool = False           # train the evaluation nets on DSA-augmented batches (evaluate.py)
     seed: int = 0
     dtype: str = "float32"
     threads: Optional[int] = None        # torch intra-op threads; default: evaluate.compute_threads's choice
@@ -110,6 +111,7 @@ class CondenseConfig:
              self.whole_epochs)
         need(self.eval_optimizer in EVAL_OPTIMIZERS, "--eval-optimizer", "|".join(EVAL_OPTIMIZERS),
              self.eval_optimizer)
+        need(isinstance(self.eval_augment, bool), "--eval-augment", "true or false", self.eval_augment)
         need(isinstance(self.seed, int) and self.seed >= 0, "--seed", "an integer >= 0", self.seed)
         need(self.dtype in ("float32", "float64"), "--dtype", "float32 or float64", self.dtype)
         need(self.threads is None or positive_int(self.threads), "--threads", "an integer >= 1", self.threads)

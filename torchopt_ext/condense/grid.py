@@ -148,7 +148,8 @@ def _evaluate_pass(config, data, cells, syns, walls, records, write, progress):
     def evaluate(unit):
         name, net, j = unit
         return evaluate_detailed(syns[name], data, net, n, epochs[name], config.seed, config.eval_optimizer,
-                                 config.use_learned_lrs, progress, config.width, config.depth, models=[j])
+                                 config.use_learned_lrs, progress, config.width, config.depth, models=[j],
+                                 augment=config.eval_augment)
 
     parts = {cell_name(m, k): {net: {} for net in nets} for m, k in cells}   # cell -> net -> j -> record
     bar = tqdm(total=len(units), disable=not progress, desc="evaluate")
@@ -179,5 +180,5 @@ def _results(config, data, out, cells, records, world):
     order = [cell_name(m, k) for m, k in cells]
     return {"config": dataclasses.asdict(config), "data": data.record(), "command": config.command(out),
             "protocol": protocol_text(config.eval_models, config.eval_epochs, config.eval_optimizer,
-                                      config.use_learned_lrs),
+                                      config.use_learned_lrs, config.eval_augment),
             "world_size": world, "cells": {name: records[name] for name in order if name in records}}

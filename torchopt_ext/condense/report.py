@@ -35,7 +35,8 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     data = results["data"]
     notes = [f"Test accuracy in %, mean ± std over {cfg['eval_models']} evaluation nets. "
-             + protocol_text(cfg["eval_models"], cfg["eval_epochs"], cfg["eval_optimizer"], cfg["use_learned_lrs"])]
+             + protocol_text(cfg["eval_models"], cfg["eval_epochs"], cfg["eval_optimizer"], cfg["use_learned_lrs"],
+                           cfg.get("eval_augment", False))]
     if "whole" in cells and cfg.get("whole_epochs") and cfg["whole_epochs"] != cfg["eval_epochs"]:
         notes.append(f"The whole-data row is trained for {cfg['whole_epochs']} epochs instead (its value is "
                      "repeated in every ipc column: ipc does not apply to it).")

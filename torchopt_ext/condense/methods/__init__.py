@@ -20,7 +20,7 @@ def register(name: str, options: Optional[type] = None):
 
 
 # the method modules, imported by load_methods(); a module not written yet is skipped
-MODULES = ("baselines", "dd", "ld", "gtn", "kip", "mtt")
+MODULES = ("baselines", "dd", "ld", "gtn", "kip", "dc", "dm", "mtt")
 
 
 def load_methods() -> Dict[str, Callable]:

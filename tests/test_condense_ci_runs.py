@@ -21,6 +21,9 @@ CI_RUNS = {
     "ld": ["--ld-outer-iters", "3", "--ld-epochs", "2", "--ld-batch-real", "64"],
     "gtn": ["--gtn-outer-iters", "3", "--gtn-epochs", "2", "--gtn-batch-real", "64", "--gtn-gen-width", "8"],
     "kip": ["--kip-iterations", "3", "--kip-target-batch", "64"],
+    "dc": ["--dc-iterations", "2", "--dc-batch-real", "32"],
+    "dsa": ["--dsa-iterations", "2", "--dsa-batch-real", "32"],
+    "dm": ["--dm-iterations", "3", "--dm-batch-real", "32"],
     "mtt": ["--mtt-experts", "1", "--mtt-train-epochs", "3", "--mtt-iterations", "2", "--mtt-syn-steps", "2",
             "--mtt-expert-epochs", "1", "--mtt-max-start-epoch", "1"],
 }
@@ -40,3 +43,11 @@ def test_ci_sized_run(method, tmp_path):
     acc = record["eval"]["convnet"]["accuracies"]
     assert len(acc) == 1 and 0.0 <= acc[0] <= 1.0
     assert (out / record["file"]).is_file() and (out / record["png"]).is_file()
+
+
+def test_eval_augment_reaches_every_evaluation(tmp_path):
+    out = tmp_path / "out"
+    assert main(["condense", "--method", "random", *COMMON, "--eval-augment", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["cells"]["random_ipc1"]["eval"]["convnet"]["augment"]
+    assert "augment" in res["protocol"].lower()

@@ -1,0 +1,95 @@
+"""Restarts distilled in batches: each restart equals its one-at-a-time run (float64, up to rounding),
+a batched run resumes bitwise, and a batch with one restart left to distil reruns to the same bits."""
+import importlib
+import os
+
+import pytest
+import torch
+
+from test_distill_faults import FAST, assert_matches_manifest, points
+from torchopt_ext.cli import main
+from torchopt_ext.distill import DistillConfig, distill, distill_restarts
+from torchopt_ext.distill.distill import batches
+
+distill_mod = importlib.import_module("torchopt_ext.distill.distill")  # the module, not the function
+
+
+def cfg(**kw):
+    base = dict(steps=3, epochs=2, per_class=2, outer_epochs=2, batch_size=250, models=2, restarts=3,
+                dtype="float64")
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def same(a, b, rtol=1e-10):
+    for key in ("points", "labels", "lrs"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=rtol, atol=rtol * 1e-3)
+    assert a.meta["losses"] == pytest.approx(b.meta["losses"], rel=rtol)
+    assert a.meta["restart"] == b.meta["restart"]
+
+
+def test_batches_are_consecutive_runs_of_restarts():
+    assert batches(cfg(restarts=5)) == [[0, 1, 2, 3, 4]]
+    assert batches(cfg(restarts=5, batch_restarts=2)) == [[0, 1], [2, 3], [4]]
+    assert batches(cfg(restarts=2, batch_restarts=7)) == [[0, 1]]
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"soft_labels": True, "arch": [1, 2], "models": 3},       # Table 2: one unroll per architecture
+    {"fixed_init": True, "checkpoint_every": 2, "arch": [4]},
+    {"hypergrad": "implicit", "neumann_terms": 3},
+], ids=["plain", "soft-mixed-arch", "fixed-checkpointed", "implicit"])
+def test_batched_restarts_equal_one_at_a_time(kw):
+    together = distill_restarts(cfg(**kw), progress=False)
+    pairs = distill_restarts(cfg(batch_restarts=2, **kw), progress=False)
+    for r in range(3):
+        alone = distill(cfg(**kw), restart=r, progress=False)
+        same(together[r], alone)
+        same(pairs[r], alone)
+    # the restarts really differ: equality above is not one restart compared with itself
+    assert not torch.allclose(together[0].points, together[1].points)
+    assert together[0].meta["losses"] != together[2].meta["losses"]
+
+
+@pytest.mark.parametrize("where", ["hypergradient", "_apply"])
+def test_ctrl_c_in_a_batch_resumes_bitwise(tmp_path, monkeypatch, where):
+    straight = distill_restarts(cfg(soft_labels=True), progress=False)
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    real = getattr(distill_mod, where)
+    calls = {"n": 0}
+
+    def interrupt_on_sixth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(distill_mod, where, interrupt_on_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        distill_restarts(cfg(soft_labels=True), out, progress=False)
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert (state["restarts"], state["epoch"], state["iteration"]) == ([0, 1, 2], 1, 1)
+    assert state["points"].shape == (3, 3, 4, 2) and len(state["generator"]) == 3
+    monkeypatch.setattr(distill_mod, where, real)
+    resumed = distill_restarts(cfg(soft_labels=True), out, progress=False, resume=True)
+    for a, b in zip(resumed, straight):
+        same(a, b, rtol=0)
+
+
+def test_damaged_restart_reruns_its_batch_to_the_same_bits(tmp_path, capsys):
+    """Batches [0, 1], [2]: the checkpoint belongs to batch [2] when restart 1 is found damaged."""
+    out = str(tmp_path / "run")
+    args = FAST + ["--restarts", "3", "--batch-restarts", "2", "--no-eval"]
+    assert main(["distill", "--out", out] + args) == 0
+    before = {r: points(out, f"distilled_r{r}.pt") for r in range(3)}
+    stamp = {r: os.stat(os.path.join(out, f"distilled_r{r}.pt")).st_mtime_ns for r in (0, 2)}
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["restarts"] == [2]
+    os.remove(os.path.join(out, "distilled_r1.pt"))
+    capsys.readouterr()
+    assert main(["distill", "--out", out, "--resume", "--no-progress", "--no-eval"]) == 0
+    assert "distilled_r1.pt is missing" in capsys.readouterr().err
+    for r in range(3):
+        assert torch.equal(points(out, f"distilled_r{r}.pt"), before[r])
+    assert stamp == {r: os.stat(os.path.join(out, f"distilled_r{r}.pt")).st_mtime_ns for r in (0, 2)}
+    assert_matches_manifest(out)

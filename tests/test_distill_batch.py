@@ -1,5 +1,6 @@
 """Restarts distilled in batches: each restart equals its one-at-a-time run (float64, up to rounding),
-a batched run resumes bitwise, and a batch with one restart left to distil reruns to the same bits."""
+a batched run resumes bitwise, and a batch with one restart left to distil reruns to the same bits.
+Evaluation trains the nets of all restarts at once, as one-at-a-time training would."""
 import importlib
 import os
 
@@ -9,7 +10,9 @@ import torch
 from test_distill_faults import FAST, assert_matches_manifest, points
 from torchopt_ext.cli import main
 from torchopt_ext.distill import DistillConfig, distill, distill_restarts
+from torchopt_ext.distill.data import load_split
 from torchopt_ext.distill.distill import batches
+from torchopt_ext.distill.evaluate import train_on_set, train_on_sets
 
 distill_mod = importlib.import_module("torchopt_ext.distill.distill")  # the module, not the function
 
@@ -93,3 +96,22 @@ def test_damaged_restart_reruns_its_batch_to_the_same_bits(tmp_path, capsys):
         assert torch.equal(points(out, f"distilled_r{r}.pt"), before[r])
     assert stamp == {r: os.stat(os.path.join(out, f"distilled_r{r}.pt")).st_mtime_ns for r in (0, 2)}
     assert_matches_manifest(out)
+
+
+@pytest.mark.parametrize("strategy", [0, 1, 2, 3])
+def test_evaluation_of_all_restarts_at_once_equals_one_at_a_time(strategy):
+    """train_on_sets: R x eval_models nets in one stacked SGD loop, each set with its own rates."""
+    config = cfg(outer_epochs=1)
+    split = load_split(config, torch.float64)
+    sets = distill_restarts(config, progress=False, split=split)
+    g_batch, g_one = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    accs, curve, params = train_on_sets(sets, split, 2, 6, 3, strategy, g_batch, 0.9, record_every=7)
+    for r, ds in enumerate(sets):
+        acc, c, p = train_on_set(ds, split, 2, 6, 3, strategy, g_one, "sgd", 0.9, 7 if r == 0 else 0)
+        assert accs[r] == acc
+        if r == 0:
+            assert [t for t, _, _ in curve] == [t for t, _, _ in c]
+            assert [(a, l) for _, a, l in curve] == pytest.approx([(a, l) for _, a, l in c], rel=1e-12)
+            for a, b in zip(params, p):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.equal(g_batch.get_state(), g_one.get_state())  # the same draws, in the same order

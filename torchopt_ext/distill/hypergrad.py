@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from torchopt_ext.distill import models
+from torchopt_ext.distill.models import model_rates, per_model
 
 
 @dataclass
@@ -55,18 +56,6 @@ def _step(params, x, p, neg_eta):
     return torch._foreach_addcmul(params, g, neg_eta), (params, g, cache)
 
 
-def _per_model(t, m):
-    """Problem r's tensor repeated for its m models: R x ... -> R*m x ... (model j of r at r*m + j)."""
-    return t.repeat_interleave(m, 0)
-
-
-def _model_rates(lrs, m, params):
-    """-eta of every inner step as views broadcasting against each parameter: n lists of tensors."""
-    neg = _per_model(-lrs, m).t().contiguous()                  # n x M
-    views = {d: neg.view(neg.shape + (1,) * (d - 1)).unbind(0) for d in {t.dim() for t in params}}
-    return [[views[t.dim()][k] for t in params] for k in range(neg.shape[0])]
-
-
 def _batched(lrs, *tensors):
     """R problems at once (lrs R x n) as given, one problem (lrs n) with a leading R = 1 added."""
     if lrs.dim() == 2:
@@ -94,8 +83,8 @@ def unrolled_hypergrad(params0, x_syn, p_syn, lrs, x_real, p_real, m_total=None,
     K = int(checkpoint_every) if checkpoint_every else n
     with torch.no_grad():
         theta = [t.detach() for t in params0]
-        xs, ps = _per_model(x_syn.detach(), m), _per_model(p_syn.detach(), m)   # M x s x B x .
-        h = _unroll(theta, xs, ps, _model_rates(lrs, m, theta), _per_model(x_real, m), _per_model(p_real, m),
+        xs, ps = per_model(x_syn.detach(), m), per_model(p_syn.detach(), m)   # M x s x B x .
+        h = _unroll(theta, xs, ps, model_rates(lrs, m, theta), per_model(x_real, m), per_model(p_real, m),
                     n, m_total, K)
         # per-model sums of the reverse loop -> per-problem sums
         gx, gp = (t.view(R, m, *t.shape[1:]).sum(1) for t in (h.points, h.labels))
@@ -224,16 +213,16 @@ def implicit_distill_hypergrad(params0, x_syn, p_syn, lrs, x_real, p_real, m_tot
     m_total = m if m_total is None else m_total
     with torch.no_grad():
         theta = [t.detach() for t in params0]
-        xs, ps = _per_model(x_syn.detach(), m), _per_model(p_syn.detach(), m)
-        neg = _model_rates(lrs, m, theta)
+        xs, ps = per_model(x_syn.detach(), m), per_model(p_syn.detach(), m)
+        neg = model_rates(lrs, m, theta)
         for k in range(n):
             theta, _ = _step(theta, xs[:, k % s], ps[:, k % s], neg[k])
-        value, g_real, _ = models.loss_and_grad(theta, _per_model(x_real, m), _per_model(p_real, m))
+        value, g_real, _ = models.loss_and_grad(theta, per_model(x_real, m), per_model(p_real, m))
         v = [gw / m_total for gw in g_real]
         x_all, p_all = xs.flatten(1, 2), ps.flatten(1, 2)          # M x sB x .
         _, _, cache = models.loss_and_grad(theta, x_all, p_all)
         a = lrs.abs().mean(1) if alpha is None else torch.full((R,), float(alpha), dtype=lrs.dtype)
-        steps = [_per_model(a, m).view((-1,) + (1,) * (t.dim() - 1)) for t in theta]
+        steps = [per_model(a, m).view((-1,) + (1,) * (t.dim() - 1)) for t in theta]
         u = neumann_inverse_hvp(lambda t: models.tangent(theta, x_all, p_all, cache, t)[0], v, steps, terms)
         _, xd, pd = models.tangent(theta, x_all, p_all, cache, u)
         # the real loss does not depend on x~, p~ directly: only the mixed term remains

@@ -66,6 +66,19 @@ def loss(params, x, p):
     return (p.sum(-1) * lse - (p * z).sum(-1)).mean(-1)
 
 
+def per_model(t, m):
+    """Problem r's tensor repeated for its m models: R x ... -> R*m x ... (model j of r at r*m + j)."""
+    return t.repeat_interleave(m, 0)
+
+
+def model_rates(lrs, m, params):
+    """-lrs[r, k] for each of problem r's m models, as views broadcasting against each parameter of an
+    R*m stack: one list per step k (lrs: R x n)."""
+    neg = per_model(-lrs, m).t().contiguous()                  # n x R*m
+    views = {d: neg.view(neg.shape + (1,) * (d - 1)).unbind(0) for d in {t.dim() for t in params}}
+    return [[views[t.dim()][k] for t in params] for k in range(neg.shape[0])]
+
+
 def softmax(z):
     # composed of elementwise ops: torch.softmax on these tiny tensors enters an OpenMP parallel
     # region that costs milliseconds on a busy 2-core machine

@@ -9,7 +9,7 @@ import torch
 
 from test_distill_faults import FAST, assert_matches_manifest, points
 from torchopt_ext.cli import main
-from torchopt_ext.distill import DistillConfig, distill, distill_restarts
+from torchopt_ext.distill import DistillConfig, DistillError, distill, distill_restarts
 from torchopt_ext.distill.data import load_split
 from torchopt_ext.distill.distill import batches
 from torchopt_ext.distill.evaluate import train_on_set, train_on_sets
@@ -78,6 +78,26 @@ def test_ctrl_c_in_a_batch_resumes_bitwise(tmp_path, monkeypatch, where):
     resumed = distill_restarts(cfg(soft_labels=True), out, progress=False, resume=True)
     for a, b in zip(resumed, straight):
         same(a, b, rtol=0)
+
+
+@pytest.mark.parametrize("where, r", [("hypergradient", 2), ("_apply", 1)])
+def test_a_diverging_restart_of_a_batch_is_named(tmp_path, monkeypatch, where, r):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    real = getattr(distill_mod, where)
+
+    def poison(*a):
+        got = real(*a)
+        if where == "hypergradient":
+            got[1][r, 0, 0, 0] = float("nan")
+        else:
+            with torch.no_grad():
+                a[1].points[r, 0, 0, 0] = float("inf")
+        return got
+    monkeypatch.setattr(distill_mod, where, poison)
+    what = "non-finite hypergradient" if where == "hypergradient" else "non-finite points after the outer step"
+    with pytest.raises(DistillError, match=f"^{what} at restart {r}, outer epoch 0, iteration 0"):
+        distill_restarts(cfg(), out, progress=False)
 
 
 def test_damaged_restart_reruns_its_batch_to_the_same_bits(tmp_path, capsys):

@@ -3,6 +3,8 @@ a batched run resumes bitwise, and a batch with one restart left to distil rerun
 Evaluation trains the nets of all restarts at once, as one-at-a-time training would."""
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,6 +55,48 @@ def test_batched_restarts_equal_one_at_a_time(kw):
     # the restarts really differ: equality above is not one restart compared with itself
     assert not torch.allclose(together[0].points, together[1].points)
     assert together[0].meta["losses"] != together[2].meta["losses"]
+
+
+def test_outer_step_of_a_batch_is_each_restarts_own_bit_for_bit():
+    """Softplus, softmax and Adam on R stacked restarts round as on each alone: the stack would move which
+    elements fall into a vectorised kernel's scalar tail (9 rates: all of them alone, 11 of 27 stacked)."""
+    config = cfg(steps=3, epochs=3, soft_labels=True)
+    split = load_split(config, torch.float64)
+    gens = [torch.Generator().manual_seed(distill_mod.restart_seed(config, r)) for r in range(3)]
+    both = distill_mod._State(config, split, gens)
+    alone = [distill_mod._State(config, split, [torch.Generator().manual_seed(distill_mod.restart_seed(config, r))])
+             for r in range(3)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (both.points, both.onehot, both.lr_raw)]
+        distill_mod._apply(config, both, *grads)
+        for r, state in enumerate(alone):
+            distill_mod._apply(config, state, *[t[r:r + 1] for t in grads])
+    for r, state in enumerate(alone):
+        for key in ("points", "label_logits", "lr_raw", "lrs"):
+            assert torch.equal(getattr(both, key)[r], getattr(state, key)[0]), key
+        assert torch.equal(both.targets()[r], state.targets()[0])
+
+
+def test_in_mkl_reproducible_mode_batched_restarts_are_bit_for_bit_their_own():
+    """With MKL_CBWR=AVX2 MKL's matrix products do not depend on where a matrix lies in memory, and restart r
+    of a batch is bitwise the restart run alone. Without it (13 features: MKL's kernels) it differs in
+    rounding, which test_batched_restarts_equal_one_at_a_time bounds."""
+    code = (
+        "import torch\n"
+        "from torchopt_ext.distill import DistillConfig, distill, distill_restarts\n"
+        "cfg = DistillConfig(dataset='wine', steps=3, epochs=2, per_class=3, hidden=7, outer_epochs=1,\n"
+        "                    batch_size=40, models=2, restarts=3, soft_labels=True, arch=[1, 2])\n"
+        "both = distill_restarts(cfg, progress=False)\n"
+        "alone = [distill(cfg, restart=r, progress=False) for r in range(3)]\n"
+        "print([torch.equal(getattr(b, k), getattr(a, k)) for b, a in zip(both, alone)\n"
+        "       for k in ('points', 'labels', 'lrs')])\n")
+    env = dict(os.environ, MKL_CBWR="AVX2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str([True] * 9)
 
 
 @pytest.mark.parametrize("where", ["hypergradient", "_apply"])

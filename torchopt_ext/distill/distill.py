@@ -1,9 +1,9 @@
 """The outer loop: Adam on synthetic points, (soft) labels and per-step learning rates.
 
 Restarts run in batches (``--batch-restarts``, default all): every learned tensor gains a leading
-restart dimension, the internal models of all restarts in a batch go through one stacked unroll per
-architecture, and one Adam steps the stacked tensors (Adam is elementwise, so each restart moves as
-its own optimiser would move it). Each restart keeps its own generator, seeded as if it ran alone.
+restart dimension and the internal models of all restarts in a batch go through one stacked unroll per
+architecture; the outer step (Adam) updates each restart's rows on their own. Each restart keeps its
+own generator, seeded as if it ran alone.
 """
 import math
 import os
@@ -61,7 +61,12 @@ def batches(config):
 
 
 class _State:
-    """Learned tensors of a batch of R restarts (leading dimension R) plus the outer optimiser."""
+    """Learned tensors of a batch of R restarts (leading dimension R) plus the outer optimiser.
+
+    The optimiser steps one leaf per restart and tensor, each a view into the batch's tensor, and the
+    outer step's softplus and softmax run row by row: vectorised kernels round the elements of their
+    scalar tail differently, and stacking restarts would move which elements fall there, so each
+    restart's outer step sees exactly the tensors it sees when run alone."""
 
     def __init__(self, config, split, gens):
         dt = _dtype(config)
@@ -69,26 +74,40 @@ class _State:
         s, n, R = config.steps, config.n_inner, len(gens)
         self.classes = torch.arange(C).repeat_interleave(k)            # B labels of every step
         onehot = models.one_hot(self.classes, C, dt).expand(R, s, -1, -1).contiguous()
-        self.points = torch.stack([torch.randn(s, C * k, d, generator=g, dtype=torch.float64) for g in gens])
-        self.points = self.points.to(dt).requires_grad_()
+        self.points = torch.stack([torch.randn(s, C * k, d, generator=g, dtype=torch.float64) for g in gens]).to(dt)
         self.label_logits = None
         self.onehot = onehot
         if config.soft_labels:
             # start near the hard labels (SLDD initialises y~ from the one-hot encoding)
-            self.label_logits = torch.log(onehot * 0.9 + 0.1 / C).requires_grad_()
+            self.label_logits = torch.log(onehot * 0.9 + 0.1 / C)
         # eta = softplus(rho): rates stay positive and Adam's fixed step is relative for small rates
         eta0 = torch.tensor(config.lr_init, dtype=torch.float64)
-        self.lr_raw = torch.full((R, n), float(eta0 + torch.log(-torch.expm1(-eta0))), dtype=dt).requires_grad_()
-        learned = [self.points] + ([self.label_logits] if config.soft_labels else []) + \
-            ([self.lr_raw] if config.learn_lrs else [])
-        self.opt = torch.optim.Adam(learned, lr=config.outer_lr)
+        self.lr_raw = torch.full((R, n), float(eta0 + torch.log(-torch.expm1(-eta0))), dtype=dt)
+        names = ["points"] + (["label_logits"] if config.soft_labels else []) + (["lr_raw"] if config.learn_lrs else [])
+        # detach() shares the storage: the optimiser's in-place steps on a leaf land in the batch's tensor
+        self.leaves = {key: [t.detach().requires_grad_() for t in getattr(self, key)] for key in names}
+        self.opt = torch.optim.Adam([self.leaves[key][i] for i in range(R) for key in names], lr=config.outer_lr)
 
     @property
     def lrs(self):
-        return torch.nn.functional.softplus(self.lr_raw).detach()
+        return torch.stack([torch.nn.functional.softplus(row) for row in self.lr_raw])
 
     def targets(self):
-        return torch.softmax(self.label_logits, -1) if self.label_logits is not None else self.onehot
+        if self.label_logits is None:
+            return self.onehot
+        return torch.stack([torch.softmax(row, -1) for row in self.label_logits])
+
+    def set_grads(self, gx, gp, glr):
+        """The learned leaves' gradients from dL/dpoints, dL/dlabels, dL/drates (each R x ...)."""
+        for i in range(gx.shape[0]):
+            self.leaves["points"][i].grad = gx[i].clone()
+            with torch.enable_grad():
+                if "label_logits" in self.leaves:
+                    leaf = self.leaves["label_logits"][i]
+                    leaf.grad, = torch.autograd.grad(torch.softmax(leaf, -1), leaf, gp[i])
+                if "lr_raw" in self.leaves:
+                    leaf = self.leaves["lr_raw"][i]
+                    leaf.grad, = torch.autograd.grad(torch.nn.functional.softplus(leaf), leaf, glr[i])
 
     def state_dict(self):
         out = {"points": self.points.detach().clone(), "lr_raw": self.lr_raw.detach().clone(),
@@ -187,14 +206,7 @@ def hypergradient(config, state, thetas, x_real, p_real, rank=0, world=1):
 
 def _apply(config, state, gx, gp, glr):
     state.opt.zero_grad(set_to_none=True)
-    state.points.grad = gx.clone()
-    if state.label_logits is not None:
-        p = torch.softmax(state.label_logits, -1)
-        state.label_logits.grad, = torch.autograd.grad(p, state.label_logits, gp)
-    if config.learn_lrs:
-        with torch.enable_grad():
-            eta = torch.nn.functional.softplus(state.lr_raw)
-            state.lr_raw.grad, = torch.autograd.grad(eta, state.lr_raw, glr)
+    state.set_grads(gx, gp, glr)
     state.opt.step()
 
 

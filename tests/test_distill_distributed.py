@@ -1,10 +1,12 @@
-"""Two gloo processes on 127.0.0.1 share the internal models and all-reduce: same result as one process."""
+"""Two gloo processes on 127.0.0.1 share the internal models and all-reduce: same result as one process,
+for one restart and for a batch of two."""
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from torchopt_ext.distill import DistillConfig, distill
+from torchopt_ext.distill.distill import distill_batch
 from dist_helpers import close_gloo, free_port, init_gloo
 
 
@@ -17,8 +19,10 @@ def worker(rank, world, port, path):
     init_gloo(rank, world, port)
     try:
         ds = distill(config(), progress=False)
+        pair = distill_batch(config(), [0, 1], progress=False)
         if rank == 0:
-            torch.save({"points": ds.points, "lrs": ds.lrs, "losses": torch.tensor(ds.meta["losses"])}, path)
+            torch.save([{"points": d.points, "lrs": d.lrs, "losses": torch.tensor(d.meta["losses"])}
+                        for d in [ds] + pair], path)
     finally:
         close_gloo()
 
@@ -26,8 +30,9 @@ def worker(rank, world, port, path):
 def test_two_processes_match_one(tmp_path):
     path = str(tmp_path / "rank0.pt")
     mp.spawn(worker, args=(2, free_port(), path), nprocs=2, join=True)
-    two = torch.load(path, weights_only=True)
-    one = distill(config(), progress=False)
-    torch.testing.assert_close(two["points"], one.points, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(two["lrs"], one.lrs, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(two["losses"], torch.tensor(one.meta["losses"], dtype=two["losses"].dtype))
+    ranks = torch.load(path, weights_only=True)
+    for two, one in zip(ranks, [distill(config(), progress=False)] + distill_batch(config(), [0, 1], progress=False)):
+        torch.testing.assert_close(two["points"], one.points, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(two["lrs"], one.lrs, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(two["losses"], torch.tensor(one.meta["losses"], dtype=two["losses"].dtype))
+    assert not torch.allclose(ranks[1]["points"], ranks[2]["points"])

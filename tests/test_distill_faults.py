@@ -113,6 +113,28 @@ def test_sigkill_mid_write_then_resume_repairs(tmp_path, straight, kill_at, plot
         assert torch.equal(points(out, "distilled_r0.pt"), points(straight, "distilled_r0.pt"))
 
 
+def test_sigkill_between_the_restarts_of_a_batch(tmp_path, monkeypatch, capsys):
+    """Killed while writing restart 1 of a batch of 3: restart 0's file is kept, and the checkpoint (the
+    batch after its last epoch) gives restarts 1 and 2 without distilling again, to the same bits."""
+    args = FAST + ["--restarts", "3", "--no-eval"]
+    straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
+    assert main(["distill", "--out", straight] + args) == 0
+    code = run_in_child(distill_main, ["--out", out] + args, env={"TORCHOPT_EXT_TEST_KILL_AT": "distilled_r1.pt"})
+    assert code == KILLED
+    assert os.path.exists(os.path.join(out, "distilled_r0.pt"))
+    assert not os.path.exists(os.path.join(out, "distilled_r1.pt"))
+    distill_mod = importlib.import_module("torchopt_ext.distill.distill")
+
+    def no_distilling(*a, **k):
+        raise AssertionError("the finished batch was distilled again")
+    monkeypatch.setattr(distill_mod, "hypergradient", no_distilling)
+    capsys.readouterr()
+    assert main(["distill", "--out", out, "--resume", "--no-progress", "--no-eval"]) == 0
+    for r in range(3):
+        assert torch.equal(points(out, f"distilled_r{r}.pt"), points(straight, f"distilled_r{r}.pt"))
+    assert_matches_manifest(out)
+
+
 def _pause_in_distillation(out, ready):
     """A real run that stops inside its first outer step, holding --out, until it is killed."""
     distill_mod = importlib.import_module("torchopt_ext.distill.distill")  # the module, not the function

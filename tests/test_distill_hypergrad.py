@@ -62,6 +62,38 @@ def test_unrolled_equals_finite_differences():
             assert float((grad * u).sum()) == pytest.approx(fd, rel=1e-6, abs=1e-9), which
 
 
+def batch_of(problems):
+    """R problems stacked the way the hypergradients take them (models restart-major, rates R x n)."""
+    params0 = [torch.cat(ts, 0) for ts in zip(*[q[0] for q in problems])]
+    return (params0,) + tuple(torch.stack([q[i] for q in problems]) for i in range(1, 6))
+
+
+@pytest.mark.parametrize("layers, K", [(1, None), (2, 3), (4, None)])
+def test_batched_problems_equal_one_at_a_time(layers, K):
+    """R = 3 problems with their own models, points, labels, rates and real batch, in one stacked unroll."""
+    problems = [problem(layers=layers, m=2, C=3, d=3, seed=r) for r in range(3)]
+    both = hg.unrolled_hypergrad(*batch_of(problems), m_total=3, checkpoint_every=K)
+    assert both.loss.shape == (3,) and both.lrs.shape == (3, 7)
+    for r, args in enumerate(problems):
+        one = hg.unrolled_hypergrad(*args, m_total=3, checkpoint_every=K)
+        assert float(both.loss[r]) == pytest.approx(one.loss, rel=1e-14)
+        close(both.points[r], one.points, rtol=1e-12, atol=1e-15)
+        close(both.labels[r], one.labels, rtol=1e-12, atol=1e-15)
+        close(both.lrs[r], one.lrs, rtol=1e-12, atol=1e-15)
+
+
+def test_batched_implicit_equals_one_at_a_time():
+    problems = [problem(layers=2, m=2, n=12, seed=r) for r in range(3)]
+    both = hg.implicit_distill_hypergrad(*batch_of(problems), terms=6)
+    for r, args in enumerate(problems):
+        one = hg.implicit_distill_hypergrad(*args, terms=6)
+        assert both.stats["alpha"][r] == pytest.approx(one.stats["alpha"], rel=1e-15)
+        assert float(both.loss[r]) == pytest.approx(one.loss, rel=1e-14)
+        close(both.points[r], one.points, rtol=1e-12, atol=1e-15)
+        close(both.labels[r], one.labels, rtol=1e-12, atol=1e-15)
+    assert torch.all(both.lrs == 0)
+
+
 @pytest.mark.parametrize("K", [1, 3, 4, 20])
 def test_checkpointing_unchanged_and_less_memory(K):
     args = problem(layers=2, n=20)

@@ -34,6 +34,7 @@ BAD_OPTIONS = [
     (["--test-fraction", "nan"], "--test-fraction: expected a number in (0, 1), got nan"),
     (["--strategy", ""], "--strategy: expected a non-empty list from 0,1,2,3, got []"),
     (["--eval-arch", ""], "--eval-arch: expected a non-empty list of layer counts from (1, 2, 4), got []"),
+    (["--batch-restarts", "0"], "--batch-restarts: expected an integer >= 1, got 0"),
     (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295], got -1"),
     (["--seed", "4294967296"], "--seed: expected an integer in [0, 4294967295], got 4294967296"),
     (["--plot-steps", "999"], "--plot-steps: expected a non-empty list of steps in [0, 3) (0-based, below "
@@ -78,6 +79,7 @@ CONFLICTS = [
     (["--no-learn-lrs"], "--no-learn-lrs (recorded: learn_lrs = true)"),
     (["--arch", "1,2"], "--arch 1,2 (recorded: 2)"),
     (["--outer-lr", "0.5"], "--outer-lr 0.5 (recorded: 0.01)"),
+    (["--batch-restarts", "1"], "--batch-restarts 1 (recorded: default)"),
     (["--steps", "5", "--seed", "1"], "--steps 5 (recorded: 3), --seed 1 (recorded: 0)"),
 ]
 
@@ -142,9 +144,9 @@ def test_hand_edited_config_is_refused_by_name(finished, tmp_path, capsys):
     os.remove(os.path.join(out, "distilled_r0.pt"))
     assert main(["distill", "--out", out, "--resume", "--no-progress"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"error: --resume: {out}/checkpoint.pt: points is (3, 4, 2) torch.float32, expected (4, 4, 2) "
-        f"torch.float32; it does not fit the configuration; delete {out}/checkpoint.pt to run this restart from "
-        "its start, or start a new --out")
+        f"error: --resume: {out}/checkpoint.pt: points is (1, 3, 4, 2) torch.float32, expected (1, 4, 4, 2) "
+        f"torch.float32; it does not fit the configuration; delete {out}/checkpoint.pt to run restart 0 from the "
+        "start, or start a new --out")
 
 
 def flip_tensor_byte(path, nbytes):
@@ -165,12 +167,28 @@ def test_checkpoint_with_a_flipped_byte_is_refused_and_the_advice_works(finished
     assert main(["distill", "--out", out, "--resume", "--no-progress", "--no-eval"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: --resume: checkpoint {ckpt} is corrupt: its tensors do not match the sha256 stored in it; "
-        f"delete {ckpt} to run the restart it belongs to from its start (finished restarts are kept), or start "
-        "a new --out")
+        f"delete {ckpt} to run the restarts it belongs to from their start (finished restarts are kept), or "
+        "start a new --out")
     os.remove(ckpt)
     assert main(["distill", "--out", out, "--resume", "--no-progress", "--no-eval"]) == 0
     assert torch.equal(points(out, "distilled_r0.pt"), points(finished, "distilled_r0.pt"))
     assert_matches_manifest(out)
+
+
+def test_checkpoint_of_an_earlier_version_is_refused_with_the_advice(finished, tmp_path, capsys):
+    """One restart per checkpoint, points s x B x d: the layout before restarts ran in batches."""
+    out = copy_run(finished, tmp_path)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    os.remove(os.path.join(out, "distilled_r0.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    state = {**state, "restart": 0, "points": state["points"][0], "lr_raw": state["lr_raw"][0]}
+    del state["restarts"]
+    io._save_torch(state, ckpt)
+    assert main(["distill", "--out", out, "--resume", "--no-progress", "--no-eval"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: --resume: checkpoint {ckpt} holds one restart in the layout of an earlier version, which batched "
+        f"runs cannot continue; delete {ckpt} to run the restarts it belongs to from their start (finished "
+        "restarts are kept), or start a new --out")
 
 
 def test_checkpoint_with_non_finite_points_is_refused(finished, tmp_path, capsys):

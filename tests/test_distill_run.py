@@ -124,8 +124,8 @@ def test_evaluate_and_unavailable_optimizer_is_clear():
 
 OPTIONS = ["--dataset", "--csv", "--target", "--steps", "--epochs", "--per-class", "--soft-labels", "--arch",
            "--hidden", "--models", "--fixed-init", "--outer-epochs", "--batch-size", "--outer-lr", "--restarts",
-           "--seed", "--hypergrad", "--checkpoint-every", "--neumann-terms", "--eval-models", "--strategy",
-           "--eval-optimizer", "--resume", "--out"]
+           "--batch-restarts", "--seed", "--hypergrad", "--checkpoint-every", "--neumann-terms", "--eval-models",
+           "--strategy", "--eval-optimizer", "--resume", "--out"]
 
 
 def test_cli_help_lists_every_option(capsys):

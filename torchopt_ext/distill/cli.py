@@ -13,14 +13,14 @@ _D = DistillConfig()
 _FIELDS = [f.name for f in dataclasses.fields(DistillConfig)]
 
 EPILOG = """--out DIR holds: config.json (the exact configuration), split.json (the seeded split and
-standardisation), checkpoint.pt (the running restart's state, written every outer epoch and on Ctrl-C),
-distilled_r{r}.pt/.csv/_lrs.csv (each finished restart), distilled.pt/.csv/_lrs.csv (restart 0's set),
-results.md and the PNG plots, and manifest.json (size and sha256 of every file above but the checkpoint,
-written last, after the run starts, after each restart and at the end). The .pt files carry a sha256 of
-their tensors. .lock is held while a run uses DIR (a second run there is refused; a killed run's lock is
-free again), .lock.info names its holder. Every file is written to a temporary and renamed, so a crash
-leaves the old file or the new one. --resume checks DIR against manifest.json, rewrites whatever is
-missing or damaged and says what it rewrote."""
+standardisation), checkpoint.pt (the state of the running batch of restarts, written every outer epoch
+and on Ctrl-C), distilled_r{r}.pt/.csv/_lrs.csv (each finished restart), distilled.pt/.csv/_lrs.csv
+(restart 0's set), results.md and the PNG plots, and manifest.json (size and sha256 of every file above
+but the checkpoint, written last, after the run starts, after each restart and at the end). The .pt
+files carry a sha256 of their tensors. .lock is held while a run uses DIR (a second run there is
+refused; a killed run's lock is free again), .lock.info names its holder. Every file is written to a
+temporary and renamed, so a crash leaves the old file or the new one. --resume checks DIR against
+manifest.json, rewrites whatever is missing or damaged and says what it rewrote."""
 
 
 class _Default:
@@ -49,7 +49,8 @@ def add_parser(sub):
         "rate per inner step, so that m internal models trained on them from random initialisations do "
         "well on the real data. Then train fresh models on the result, write results.md (like the paper's "
         "Table 1), the distilled set (.pt and .csv), plots and the exact configuration to --out. "
-        "Under torchrun (gloo) the internal models are spread over ranks.", epilog=EPILOG)
+        "Restarts run together in batches (--batch-restarts). Under torchrun (gloo) the internal models are "
+        "spread over ranks.", epilog=EPILOG)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=_D.dataset, choices=DATASETS,
                    help="built-in data: moons is the paper's two-moons problem (1500 points); sklearn tables "
@@ -86,6 +87,11 @@ def add_parser(sub):
     g.add_argument("--outer-lr", type=float, default=_D.outer_lr, help="Adam step on points, labels, rates")
     g.add_argument("--restarts", type=int, default=_D.restarts,
                    help="independent distillations (new seeds); results.md gives mean +- std over them")
+    g.add_argument("--batch-restarts", type=int, default=None, metavar="N",
+                   help="restarts distilled together, N at a time (default: all): their inner unrolls are stacked "
+                   "into one, which is several times faster than one after another. Each restart keeps its own "
+                   "random stream, so a set equals the one distilled alone up to floating-point rounding; memory "
+                   "grows with N")
     g.add_argument("--seed", type=int, default=_D.seed, help="seeds data, split, initialisations")
     g.add_argument("--dtype", default=_D.dtype, choices=("float32", "float64"))
     g = p.add_argument_group("hypergradient")

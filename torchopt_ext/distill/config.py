@@ -47,6 +47,7 @@ class DistillConfig:
     batch_size: int = 64
     outer_lr: float = 0.01
     restarts: int = 1
+    batch_restarts: Optional[int] = None  # restarts distilled together; default all of them
     seed: int = 0
     # hypergradient
     hypergrad: str = "unroll"
@@ -114,6 +115,8 @@ class DistillConfig:
         need(self.eval_optimizer in EVAL_OPTIMIZERS, "--eval-optimizer", "|".join(EVAL_OPTIMIZERS), self.eval_optimizer)
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "--checkpoint-every", "an integer >= 1",
              self.checkpoint_every)
+        need(self.batch_restarts is None or self.batch_restarts >= 1, "--batch-restarts", "an integer >= 1",
+             self.batch_restarts)
         return self
 
     def to_json(self) -> str:

@@ -14,6 +14,10 @@ step's theta_k, g_k and activations are kept (n of them); with ``checkpoint_ever
 theta_k is kept and one segment of K steps is recomputed at a time during the reverse loop, so memory
 grows like n/K + K instead of n.
 
+Both hypergradients also take R independent problems at once (the driver's restarts): every tensor
+gains a leading R and the models of all problems are stacked on the model axis, so one pass of
+batched matrix products does the work of R passes (on tabular sizes, per-op overhead dominates).
+
 ``neumann_hypergrad`` is implicit differentiation for an inner problem trained to convergence:
     dL/dlam = dL/dlam|direct - (dL/dw) H^-1 d2l_T/dw dlam,   H^-1 v ~ alpha sum_{j<K} (I - alpha H)^j v.
 """
@@ -22,12 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from torchopt_ext.distill import models
+from torchopt_ext.distill.models import model_rates, per_model
 
 
 @dataclass
 class Hypergrad:
-    loss: float               # outer loss L (already averaged over all m models)
-    points: torch.Tensor      # dL/dx~, s x B x d
+    loss: object              # outer loss L (averaged over all m models): a float, or R for R problems
+    points: torch.Tensor      # dL/dx~, s x B x d (R x s x B x d for R problems)
     labels: torch.Tensor      # dL/dp~, s x B x C
     lrs: torch.Tensor         # dL/deta~, n
     stats: dict = field(default_factory=dict)
@@ -43,33 +48,57 @@ def _nbytes(tensors):
     return total
 
 
-def _step(params, x, p, eta):
-    """One inner SGD step; also returns what the reverse step at theta_k needs (g_k and the cache)."""
+def _step(params, x, p, neg_eta):
+    """One inner SGD step; also returns what the reverse step at theta_k needs (g_k and the cache).
+
+    neg_eta: -eta_k of every model, one tensor per parameter that broadcasts against it."""
     _, g, cache = models.loss_and_grad(params, x, p, need_value=False)
-    return torch._foreach_add(params, g, alpha=-eta), (params, g, cache)
+    return torch._foreach_addcmul(params, g, neg_eta), (params, g, cache)
+
+
+def _batched(lrs, *tensors):
+    """R problems at once (lrs R x n) as given, one problem (lrs n) with a leading R = 1 added."""
+    if lrs.dim() == 2:
+        return True, (lrs,) + tensors
+    return False, tuple(t.unsqueeze(0) for t in (lrs,) + tensors)
 
 
 def unrolled_hypergrad(params0, x_syn, p_syn, lrs, x_real, p_real, m_total=None, checkpoint_every=None):
-    """Reverse-mode hypergradient for one group of same-architecture models (params0: m stacked).
+    """Reverse-mode hypergradient for one group of same-architecture models.
 
-    x_syn: s x B x d, p_syn: s x B x C, lrs: n. p_real: one-hot targets of the real batch.
+    One problem: params0 m stacked models (W_l: m x in x out), x_syn s x B x d, p_syn s x B x C,
+    lrs n, x_real b x d, p_real b x C (targets of the real batch).
+    R independent problems at once (e.g. restarts): lrs R x n, and x_syn, p_syn, x_real, p_real gain
+    the same leading R; params0 then stacks R*m models, problem r's at rows r*m .. r*m + m - 1. The
+    loss (a float, or R) and the gradients (points, labels, lrs) have the leading R of the input.
     m_total: the number of models L averages over (all groups, all ranks); default this group's m.
     checkpoint_every=None keeps every inner state (and its activations, so the reverse loop does not
     recompute them); K keeps theta_k only for k % K == 0 and recomputes one segment at a time.
     Returns a Hypergrad whose stats hold the peak bytes of inner states held at once.
     """
-    s = x_syn.shape[0]
-    n = lrs.shape[0]
-    m = params0[0].shape[0]
+    batched, (lrs, x_syn, p_syn, x_real, p_real) = _batched(lrs.detach(), x_syn, p_syn, x_real, p_real)
+    R, n = lrs.shape
+    m = params0[0].shape[0] // R
     m_total = m if m_total is None else m_total
     K = int(checkpoint_every) if checkpoint_every else n
-    etas = lrs.detach().tolist()  # python floats: ops with 0-d tensors cost more than these tiny matmuls
     with torch.no_grad():
-        return _unroll([t.detach() for t in params0], x_syn.detach(), p_syn.detach(), etas, x_real, p_real,
-                       s, n, m_total, K)
+        theta = [t.detach() for t in params0]
+        xs, ps = per_model(x_syn.detach(), m), per_model(p_syn.detach(), m)   # M x s x B x .
+        h = _unroll(theta, xs, ps, model_rates(lrs, m, theta), per_model(x_real, m), per_model(p_real, m),
+                    n, m_total, K)
+        # per-model sums of the reverse loop -> per-problem sums
+        gx, gp = (t.view(R, m, *t.shape[1:]).sum(1) for t in (h.points, h.labels))
+        glr = h.lrs.view(n, R, m).sum(2).t()
+        loss = h.loss.view(R, m).sum(1) / m_total
+    if not batched:
+        return Hypergrad(float(loss[0]), gx[0], gp[0], glr[0], h.stats)
+    return Hypergrad(loss, gx, gp, glr, h.stats)
 
 
-def _unroll(theta, x_syn, p_syn, etas, x_real, p_real, s, n, m_total, K):
+def _unroll(theta, xs, ps, neg, x_real, p_real, n, m_total, K):
+    """The reverse loop on M models, each with its own points (xs: M x s x B x d) and rates (neg);
+    returns per-model loss (M,), dL/dx~ (M x s x B x d), dL/dp~ and dL/deta~ (n x M)."""
+    s = xs.shape[1]
     held = peak = 0
     kept = {}                      # k -> theta_k at segment starts (K == n: only theta_0)
     segment = {}                   # k -> (theta_k, g_k, cache_k) of the segment being reversed
@@ -77,7 +106,7 @@ def _unroll(theta, x_syn, p_syn, etas, x_real, p_real, s, n, m_total, K):
         if k % K == 0:
             kept[k] = theta
             held += _nbytes(theta)
-        theta, record = _step(theta, x_syn[k % s], p_syn[k % s], etas[k])
+        theta, record = _step(theta, xs[:, k % s], ps[:, k % s], neg[k])
         if K == n:                 # no checkpointing: the forward already is the last (only) segment
             segment[k] = record
             held += _nbytes(record)
@@ -85,15 +114,15 @@ def _unroll(theta, x_syn, p_syn, etas, x_real, p_real, s, n, m_total, K):
 
     value, g_real, _ = models.loss_and_grad(theta, x_real, p_real)
     v = [gw / m_total for gw in g_real]        # dL/dtheta_n
-    gx = torch.zeros_like(x_syn)
-    gp = torch.zeros_like(p_syn)
+    gx = torch.zeros_like(xs)
+    gp = torch.zeros_like(ps)
     dots = [None] * n
     for c in reversed(range(0, n, K)):
         end = min(c + K, n)
         if K != n:                 # recompute theta_c .. theta_{end-1} from the checkpoint
             th = kept[c]
             for k in range(c, end):
-                th, record = _step(th, x_syn[k % s], p_syn[k % s], etas[k])
+                th, record = _step(th, xs[:, k % s], ps[:, k % s], neg[k])
                 segment[k] = record
                 held += _nbytes(record)
             peak = max(peak, held)
@@ -101,14 +130,14 @@ def _unroll(theta, x_syn, p_syn, etas, x_real, p_real, s, n, m_total, K):
             i = k % s
             th, g, cache = segment.pop(k)
             held -= _nbytes((th, g, cache))
-            dots[k] = torch.stack([torch.vdot(vw.reshape(-1), gw.reshape(-1)) for vw, gw in zip(v, g)])
-            hv, xd, pd = models.tangent(th, x_syn[i], p_syn[i], cache, v)
-            gx[i].add_(xd, alpha=-etas[k])
-            gp[i].add_(pd, alpha=-etas[k])
-            torch._foreach_add_(v, hv, alpha=-etas[k])   # dL/dtheta_k = v - eta_k H_k v
-    glr = -torch.stack(dots).sum(1)
+            dots[k] = sum(torch.sum(vw * gw, tuple(range(1, vw.dim()))) for vw, gw in zip(v, g))
+            hv, xd, pd = models.tangent(th, xs[:, i], ps[:, i], cache, v)
+            gx[:, i].addcmul_(xd, neg[k][0])         # neg[k][0]: M x 1 x 1, the view for W_1
+            gp[:, i].addcmul_(pd, neg[k][0])
+            torch._foreach_addcmul_(v, hv, neg[k])   # dL/dtheta_k = v - eta_k H_k v
+    glr = -torch.stack(dots)
     stats = {"peak_state_bytes": peak, "n": n, "checkpoint_every": None if K == n else K}
-    return Hypergrad(float(value.sum() / m_total), gx, gp, glr, stats)
+    return Hypergrad(value, gx, gp, glr, stats)
 
 
 def naive_unrolled_hypergrad(params0, x_syn, p_syn, lrs, x_real, p_real, m_total=None):
@@ -135,14 +164,17 @@ def naive_unrolled_hypergrad(params0, x_syn, p_syn, lrs, x_real, p_real, m_total
 
 
 def neumann_inverse_hvp(hvp, v, alpha, terms):
-    """alpha * sum_{j<terms} (I - alpha H)^j v, for a list of tensors v (Neumann series of H^-1 v)."""
+    """alpha * sum_{j<terms} (I - alpha H)^j v, for a list of tensors v (Neumann series of H^-1 v).
+
+    alpha: a number, or one tensor per entry of v that broadcasts against it (a step per model)."""
+    alphas = list(alpha) if isinstance(alpha, (list, tuple)) else [alpha] * len(v)
     term = [t.clone() for t in v]
     acc = [t.clone() for t in v]
     for _ in range(terms - 1):
         hv = hvp(term)
-        term = [t - alpha * h for t, h in zip(term, hv)]
+        term = [t - a * h for t, h, a in zip(term, hv, alphas)]
         acc = [a + t for a, t in zip(acc, term)]
-    return [alpha * a for a in acc]
+    return [al * a for a, al in zip(acc, alphas)]
 
 
 def implicit_hypergrad(loss_T, loss_V, w, lam, alpha, terms):
@@ -170,22 +202,33 @@ def implicit_hypergrad(loss_T, loss_V, w, lam, alpha, terms):
 def implicit_distill_hypergrad(params0, x_syn, p_syn, lrs, x_real, p_real, m_total=None, terms=20,
                                alpha=None):
     """Implicit hypergradient for distillation: treat theta_n as argmin of the loss on all synthetic
-    points. The learned rates only choose the path to the minimum, so their hypergradient is zero."""
-    s, B = x_syn.shape[:2]
-    m = params0[0].shape[0]
+    points. The learned rates only choose the path to the minimum, so their hypergradient is zero.
+
+    Shapes as for ``unrolled_hypergrad`` (one problem, or R with lrs R x n); alpha defaults to each
+    problem's mean learned rate."""
+    batched, (lrs, x_syn, p_syn, x_real, p_real) = _batched(lrs.detach(), x_syn, p_syn, x_real, p_real)
+    R, n = lrs.shape
+    s, B = x_syn.shape[1:3]
+    m = params0[0].shape[0] // R
     m_total = m if m_total is None else m_total
-    lrs_ = lrs.detach()
-    x_all = x_syn.detach().reshape(s * B, -1)
-    p_all = p_syn.detach().reshape(s * B, -1)
-    theta = [t.detach() for t in params0]
-    for k in range(lrs_.shape[0]):
-        theta, _ = _step(theta, x_syn[k % s].detach(), p_syn[k % s].detach(), float(lrs_[k]))
-    value, g_real, _ = models.loss_and_grad(theta, x_real, p_real)
-    v = [gw / m_total for gw in g_real]
-    _, _, cache = models.loss_and_grad(theta, x_all, p_all)
-    alpha = float(lrs_.abs().mean()) if alpha is None else alpha
-    u = neumann_inverse_hvp(lambda t: models.tangent(theta, x_all, p_all, cache, t)[0], v, alpha, terms)
-    _, xd, pd = models.tangent(theta, x_all, p_all, cache, u)
-    # the real loss does not depend on x~, p~ directly: only the mixed term remains
-    return Hypergrad(float(value.sum() / m_total), -xd.reshape(x_syn.shape), -pd.reshape(p_syn.shape),
-                     torch.zeros_like(lrs_), {"alpha": alpha, "terms": terms})
+    with torch.no_grad():
+        theta = [t.detach() for t in params0]
+        xs, ps = per_model(x_syn.detach(), m), per_model(p_syn.detach(), m)
+        neg = model_rates(lrs, m, theta)
+        for k in range(n):
+            theta, _ = _step(theta, xs[:, k % s], ps[:, k % s], neg[k])
+        value, g_real, _ = models.loss_and_grad(theta, per_model(x_real, m), per_model(p_real, m))
+        v = [gw / m_total for gw in g_real]
+        x_all, p_all = xs.flatten(1, 2), ps.flatten(1, 2)          # M x sB x .
+        _, _, cache = models.loss_and_grad(theta, x_all, p_all)
+        a = lrs.abs().mean(1) if alpha is None else torch.full((R,), float(alpha), dtype=lrs.dtype)
+        steps = [per_model(a, m).view((-1,) + (1,) * (t.dim() - 1)) for t in theta]
+        u = neumann_inverse_hvp(lambda t: models.tangent(theta, x_all, p_all, cache, t)[0], v, steps, terms)
+        _, xd, pd = models.tangent(theta, x_all, p_all, cache, u)
+        # the real loss does not depend on x~, p~ directly: only the mixed term remains
+        gx, gp = (-t.view(R, m, s, B, -1).sum(1) for t in (xd, pd))
+        loss = value.view(R, m).sum(1) / m_total
+    stats = {"alpha": a.tolist() if batched else float(a[0]), "terms": terms}
+    if not batched:
+        return Hypergrad(float(loss[0]), gx[0], gp[0], torch.zeros_like(lrs[0]), stats)
+    return Hypergrad(loss, gx, gp, torch.zeros_like(lrs), stats)

@@ -118,19 +118,23 @@ def non_finite(state):
 
 def load_checkpoint(path):
     """The checkpoint dict, its digest and its learned tensors' finiteness checked."""
-    fix = (f"delete {path} to run the restart it belongs to from its start (finished restarts are kept), "
+    fix = (f"delete {path} to run the restarts it belongs to from their start (finished restarts are kept), "
            "or start a new --out")
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:
         raise DistillError(f"--resume: checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "
                            f"{fix}") from None
-    needed = {"restart", "epoch", "iteration", "points", "lr_raw", "optimizer", "generator", DIGEST_KEY}
+    if isinstance(state, dict) and "restart" in state and "restarts" not in state:
+        raise DistillError(f"--resume: checkpoint {path} holds one restart in the layout of an earlier version, "
+                           f"which batched runs cannot continue; {fix}")
+    needed = {"restarts", "epoch", "iteration", "points", "lr_raw", "optimizer", "generator", DIGEST_KEY}
     if not isinstance(state, dict) or not needed <= set(state):
         raise DistillError(f"--resume: checkpoint {path} is corrupt: expected keys {sorted(needed)}; {fix}")
-    if not all(isinstance(state[k], int) and not isinstance(state[k], bool) for k in ("restart", "epoch", "iteration")):
-        raise DistillError(f"--resume: checkpoint {path} is corrupt: restart, epoch and iteration must be "
-                           f"integers; {fix}")
+    if not (all(_is_int(state[k]) for k in ("epoch", "iteration")) and isinstance(state["restarts"], list)
+            and state["restarts"] and all(_is_int(r) for r in state["restarts"])):
+        raise DistillError(f"--resume: checkpoint {path} is corrupt: epoch and iteration must be integers and "
+                           f"restarts a list of integers; {fix}")
     if not digest_ok(state):
         raise DistillError(f"--resume: checkpoint {path} is corrupt: its tensors do not match the sha256 "
                            f"stored in it; {fix}")
@@ -138,6 +142,10 @@ def load_checkpoint(path):
     if bad:
         raise DistillError(f"--resume: checkpoint {path} holds non-finite {', '.join(bad)}; {fix}")
     return state
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def save_config(config, path):

@@ -66,6 +66,19 @@ def loss(params, x, p):
     return (p.sum(-1) * lse - (p * z).sum(-1)).mean(-1)
 
 
+def per_model(t, m):
+    """Problem r's tensor repeated for its m models: R x ... -> R*m x ... (model j of r at r*m + j)."""
+    return t.repeat_interleave(m, 0)
+
+
+def model_rates(lrs, m, params):
+    """-lrs[r, k] for each of problem r's m models, as views broadcasting against each parameter of an
+    R*m stack: one list per step k (lrs: R x n)."""
+    neg = per_model(-lrs, m).t().contiguous()                  # n x R*m
+    views = {d: neg.view(neg.shape + (1,) * (d - 1)).unbind(0) for d in {t.dim() for t in params}}
+    return [[views[t.dim()][k] for t in params] for k in range(neg.shape[0])]
+
+
 def softmax(z):
     # composed of elementwise ops: torch.softmax on these tiny tensors enters an OpenMP parallel
     # region that costs milliseconds on a busy 2-core machine
@@ -81,6 +94,21 @@ def _transpose_input(a):
     return a.transpose(-1, -2)
 
 
+def _stacked(a, b):
+    return a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0]
+
+
+def _mm(a, b):
+    """a @ b; torch.bmm for two stacks of equally many matrices (the unroll's case), which costs less per
+    call than matmul's broadcasting bookkeeping."""
+    return torch.bmm(a, b) if _stacked(a, b) else torch.matmul(a, b)
+
+
+def _addmm(c, a, b):
+    """c + a @ b, fused into one baddbmm for stacks (c broadcasts against the product)."""
+    return torch.baddbmm(c, a, b) if _stacked(a, b) else c + torch.matmul(a, b)
+
+
 def loss_and_grad(params, x, p, need_value=True):
     """l_j and dl_j/dtheta_j without autograd; also returns the cache for ``tangent``.
 
@@ -90,7 +118,7 @@ def loss_and_grad(params, x, p, need_value=True):
     acts, masks = [x], []
     a = x
     for l in range(L):
-        z = torch.matmul(a, params[2 * l]) + params[2 * l + 1].unsqueeze(-2)
+        z = _addmm(params[2 * l + 1].unsqueeze(-2), a, params[2 * l])
         if l < L - 1:
             mask = (z > 0).to(z.dtype)
             masks.append(mask)
@@ -106,10 +134,10 @@ def loss_and_grad(params, x, p, need_value=True):
     grads = [None] * (2 * L)
     for l in range(L - 1, -1, -1):
         deltas[l] = delta
-        grads[2 * l] = torch.matmul(_transpose_input(acts[l]), delta)
+        grads[2 * l] = _mm(_transpose_input(acts[l]), delta)
         grads[2 * l + 1] = delta.sum(-2)
         if l > 0:
-            delta = torch.matmul(delta, params[2 * l].transpose(-1, -2)) * masks[l - 1]
+            delta = _mm(delta, params[2 * l].transpose(-1, -2)) * masks[l - 1]
     cache = (acts, masks, deltas, z, s, P, N)
     return value, grads, cache
 
@@ -150,9 +178,9 @@ def tangent(params, x, p, cache, v):
     a_dot = None
     zdots = []
     for l in range(L):
-        zd = torch.matmul(acts[l], v[2 * l]) + v[2 * l + 1].unsqueeze(-2)
+        zd = _addmm(v[2 * l + 1].unsqueeze(-2), acts[l], v[2 * l])
         if a_dot is not None:
-            zd = zd + torch.matmul(a_dot, params[2 * l])
+            zd = _addmm(zd, a_dot, params[2 * l])
         zdots.append(zd)
         if l < L - 1:
             a_dot = zd * masks[l]
@@ -163,13 +191,12 @@ def tangent(params, x, p, cache, v):
     out = [None] * (2 * L)
     for l in range(L - 1, -1, -1):
         delta = deltas[l]
-        out[2 * l] = torch.matmul(_transpose_input(acts[l]), delta_dot)
+        out[2 * l] = _mm(_transpose_input(acts[l]), delta_dot)
         if l > 0:
             a_dot_prev = zdots[l - 1] * masks[l - 1]
-            out[2 * l] = out[2 * l] + torch.matmul(_transpose_input(a_dot_prev), delta)
+            out[2 * l] = _addmm(out[2 * l], _transpose_input(a_dot_prev), delta)
         out[2 * l + 1] = delta_dot.sum(-2)
-        back = torch.matmul(delta_dot, params[2 * l].transpose(-1, -2)) + \
-            torch.matmul(delta, v[2 * l].transpose(-1, -2))
+        back = _addmm(_mm(delta_dot, params[2 * l].transpose(-1, -2)), delta, v[2 * l].transpose(-1, -2))
         if l > 0:
             delta_dot = back * masks[l - 1]
         else:

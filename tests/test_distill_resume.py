@@ -183,7 +183,7 @@ def test_checkpoint_of_an_earlier_version_is_refused_with_the_advice(finished, t
     state = torch.load(ckpt, weights_only=True)
     state = {**state, "restart": 0, "points": state["points"][0], "lr_raw": state["lr_raw"][0]}
     del state["restarts"]
-    io._save_torch(state, ckpt)
+    io.save_torch(state, ckpt)
     assert main(["distill", "--out", out, "--resume", "--no-progress", "--no-eval"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: --resume: checkpoint {ckpt} holds one restart in the layout of an earlier version, which batched "

@@ -67,3 +67,11 @@ def make_net(name, shape, n_classes, width=128, depth=None):
     if name == "mlp":
         return MLP(shape, n_classes, width, depth or 2)
     raise ValueError(f"net: unknown {name!r}")
+
+
+def tiny_digits(per_class: int = 30) -> ImageData:
+    """:func:`digits` with only the first ``per_class`` training images of each class; the test part whole."""
+    data = digits()
+    keep = torch.cat([torch.nonzero(data.y_train == c).flatten()[:per_class] for c in range(10)])
+    data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
+    return data

@@ -1,6 +1,5 @@
 """Image data: digits split, IDX and CIFAR readers on tiny files (good, gz, truncated, malicious), ZCA, errors."""
 import os
-import pickle
 
 import numpy as np
 import pytest

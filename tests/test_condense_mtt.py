@@ -31,10 +31,7 @@ def single_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """30 training images per class, the test part untouched."""
-    data = F.digits()
-    keep = torch.cat([torch.nonzero(data.y_train == c).flatten()[:30] for c in range(10)])
-    data.x_train, data.y_train = data.x_train[keep], data.y_train[keep]
-    return data
+    return F.tiny_digits()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ def tiny():
 
 
 def config(method="dc", width=16, **opts):
-    return types.SimpleNamespace(net="convnet", width=width, depth=None, **{f"{method}_{k}": v for k, v in opts.items()})
+    return types.SimpleNamespace(net="convnet", width=width, depth=None,
+                                 **{f"{method}_{k}": v for k, v in opts.items()})
 
 
 def direct_distance(g_syn, g_real):
@@ -177,7 +178,8 @@ def test_shapes_meta_and_seeding(tiny, method):
     a = run(method, tiny, **small)
     assert a.images.shape == (20, 1, 8, 8) and a.lrs is None
     assert torch.equal(a.hard_labels, torch.arange(10).repeat_interleave(2))
-    assert a.meta["method"] == method and (a.meta["iterations"], a.meta["outer_loop"], a.meta["inner_loop"]) == (2, 2, 1)
+    assert a.meta["method"] == method
+    assert (a.meta["iterations"], a.meta["outer_loop"], a.meta["inner_loop"]) == (2, 2, 1)
     assert len(a.meta["losses"]) == 2 and all(b > a.images.numel() * 4 for b in a.meta["held_bytes"])
     assert a.meta["augment"] == ([] if method == "dc" else ["color", "crop", "cutout", "scale", "rotate"])
     b = run(method, tiny, **small)

@@ -53,7 +53,8 @@ class MatchOptions:
 
     def number(self, prefix: str, name: str, low_ok: bool = False):
         v = getattr(self, name)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or (low_ok and v == 0))
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > 0 or (low_ok and v == 0)))
         self.need(ok, prefix, name, "a finite number " + (">= 0" if low_ok else "> 0"))
 
     def validate(self, prefix: str):

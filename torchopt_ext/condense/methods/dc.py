@@ -55,9 +55,9 @@ EPS = 1e-6              # the reference's guard in the cosine's denominator
 
 @dataclass
 class DCOptions(M.MatchOptions):
-    iterations: Optional[int] = None   # outer iterations, a fresh net each (none: by ipc, 80 at ipc 1, 3 at 10, 1 from 20)
-    outer_loop: Optional[int] = None   # matching steps per net (none: by ipc, 1 at ipc 1, 10 at 10, 50 at 50)
-    inner_loop: Optional[int] = None   # epochs training the net on S between them (none: by ipc, 1 at 1, 50 at 10, 10 at 50)
+    iterations: Optional[int] = None   # outer iterations, a fresh net each (none: by ipc, 80 at 1, 3 at 10, 1 from 20)
+    outer_loop: Optional[int] = None   # matching steps per net (none: by ipc, 1 at 1, 10 at 10, 50 at 50)
+    inner_loop: Optional[int] = None   # epochs training the net on S between them (none: by ipc, 1 at 1, 50 at 10)
     lr_net: float = 0.01               # SGD step of the net trained on S
     batch_train: int = 256             # batch of that training
     iterations_by_ipc = True
@@ -72,7 +72,7 @@ class DCOptions(M.MatchOptions):
 
 @dataclass
 class DSAOptions(DCOptions):
-    strategy: str = "auto"             # A_w families joined by _ (color, crop, cutout, flip, scale, rotate), auto or none
+    strategy: str = "auto"             # families joined by _ (color crop cutout flip scale rotate), auto, none
 
 
 def schedule(ipc: int, opts: DCOptions) -> Tuple[int, int, int]:
@@ -163,13 +163,13 @@ def train_on_set(net, images: torch.Tensor, labels: torch.Tensor, epochs: int, o
 
 def condense(name: str, opts: DCOptions, fams: Sequence[str], data: ImageData, ipc: int, config,
              generator: torch.Generator, progress: bool) -> SyntheticSet:
+    """The loop of the module docstring for dc (``fams`` empty) and dsa; images (K * ipc, C, H, W) class-major."""
     t0 = time.perf_counter()
     iterations, outer_loop, inner_loop = schedule(ipc, opts)
     images = M.initial_images(data, ipc, opts.init, generator).requires_grad_()
     labels = torch.arange(data.n_classes).repeat_interleave(ipc)
     pools = M.class_pools(data)
     opt = torch.optim.SGD([images], lr=opts.lr_img, momentum=opts.momentum_img)
-    bn_pools = [p[:BN_IMAGES] for p in pools]
     held, losses, held_bytes = M.Held(), [], []
     with M.progress_bar(progress, iterations, f"{name} ipc {ipc}") as bar:
         for it in range(iterations):
@@ -177,7 +177,7 @@ def condense(name: str, opts: DCOptions, fams: Sequence[str], data: ImageData, i
             loss = 0.0
             for ol in range(outer_loop):
                 if _bn_layers(net):
-                    freeze_batch_norm(net, torch.cat([M.real_batch(data, p, BN_IMAGES, generator) for p in bn_pools]))
+                    freeze_batch_norm(net, torch.cat([M.real_batch(data, p, BN_IMAGES, generator) for p in pools]))
                 opt.zero_grad(set_to_none=True)
                 loss += matching_step(net, images, data, ipc, pools, opts, fams, generator, held)
                 opt.step()
@@ -189,8 +189,8 @@ def condense(name: str, opts: DCOptions, fams: Sequence[str], data: ImageData, i
             held_bytes.append(held.take() + M.nbytes(t for t in opt.state[images].values() if torch.is_tensor(t)))
             M.tick(bar, losses[-1], held_bytes[-1])
     return M.result(images, data, ipc, name, opts, {
-        "iterations": iterations, "outer_loop": outer_loop, "inner_loop": inner_loop, "augment": list(fams), "losses": losses,
-        "held_bytes": held_bytes, "seconds": time.perf_counter() - t0})
+        "iterations": iterations, "outer_loop": outer_loop, "inner_loop": inner_loop, "augment": list(fams),
+        "losses": losses, "held_bytes": held_bytes, "seconds": time.perf_counter() - t0})
 
 
 @register("dc", options=DCOptions)

@@ -12,9 +12,9 @@ of a smaller class), A_w_c one siamese draw of the augmentation (condense/augmen
 batches of class c, a new draw per class and iteration. The real side is computed without gradients.
 
 Defaults: lr_img 1 and momentum 0.5 (the reference code's), batch_real 256, init from real images, strategy
-"auto" (all six families, flip left out on digit datasets), 250 iterations.
+"auto" (all six families, flip left out on digit datasets), 200 iterations.
 
-Differs from the paper: 250 iterations instead of 20,000 by default (so a digits cell at ipc 10 fits the CPU
+Differs from the paper: 200 iterations instead of 20,000 by default (so a digits cell at ipc 10 fits the CPU
 budget of the calibration grid, docs/CONDENSE.md). A batch-norm net embeds all classes in one forward pass,
 in train mode, as the reference code's batch-norm branch does (per class, batch norm would centre each
 class's features and hide the class means).
@@ -38,9 +38,9 @@ from torchopt_ext.condense.types import ImageData, SyntheticSet
 
 @dataclass
 class DMOptions(M.MatchOptions):
-    iterations: int = 250              # iterations, a freshly sampled (untrained) net each
+    iterations: int = 200              # iterations, a freshly sampled (untrained) net each
     lr_img: float = 1.0                # SGD step on the synthetic images
-    strategy: str = "auto"             # A_w families joined by _ (color, crop, cutout, flip, scale, rotate), auto or none
+    strategy: str = "auto"             # families joined by _ (color crop cutout flip scale rotate), auto, none
 
 
 def embedding_means(net, batches: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -46,7 +46,8 @@ def results_markdown(results: dict) -> str:
     notes.append(f"Data: {data['name']}, {data['n_train']} training / {data['n_test']} test images of shape "
                  f"{'x'.join(str(s) for s in data['shape'])}, standardised per channel{zca}; split: "
                  f"{data['split'].get('kind', '')}. Methods distil with the {cfg['net']} net (width {cfg['width']}, "
-                 f"depth {cfg['depth'] or 'default'}); seed {cfg['seed']}.")
+                 f"depth {cfg['depth'] or 'default'}; a method's own --<method>-width, where it has one, sets its "
+                 f"inner net's width: see each cell's options in results.json); seed {cfg['seed']}.")
     wall = sum(c.get("method_wall_s", 0) + sum(sum(e["wall_s"]) for e in c["eval"].values()) for c in cells.values())
     notes.append(f"Wall time of the cells: {wall:.0f} s (per cell and per net in results.json).")
     notes.append(f"Command: `{results['command']}`")

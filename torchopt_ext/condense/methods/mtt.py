@@ -170,7 +170,6 @@ def match_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     labels[idx[k]] (M, K) at rate exp(log_alpha), against ``target``; adds dL/d images and dL/d log_alpha to
     their .grad (by the reverse-loop unroll, ``opts.checkpoint_every``). ``stats`` gets the unroll's stats.
     Raises FloatingPointError when L or a gradient is not finite."""
-    scale = squared_distance(start, target)
     n = idx.shape[0]
 
     def batches():
@@ -178,7 +177,7 @@ def match_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         if augment is not None:
             x = torch.stack([augment(xk, generator) for xk in x])
         return x, labels[idx]
-    return B.hypergradient(net, [start], lambda theta: squared_distance(theta, target) / scale, batches,
+    return B.hypergradient(net, [start], lambda theta: normalised_distance(theta, start, target), batches,
                            lambda: log_alpha.exp().expand(n), opts, stats=stats)
 
 
@@ -193,13 +192,13 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
     batches of the experts and every student batch (a fresh differentiable draw each); ``augment_name``
     keys the experts' cache."""
     opts = MTTOptions.from_config(config)
+    classes = B.class_layout(data.n_classes, ipc, 1)[0]
     t0 = time.perf_counter()
     trajectories, record = E.expert_trajectories(
         data, config, opts.experts, opts.train_epochs, opts.expert_lr, opts.expert_batch,
         experts_root(opts, config), augment, augment_name, progress)
     t1 = time.perf_counter()
     dt = data.x_train.dtype
-    classes = B.class_layout(data.n_classes, ipc, 1)[0]
     if opts.init == "real":
         x0 = B.real_images(data, classes, generator)
     else:
@@ -230,8 +229,8 @@ def distill(data: ImageData, ipc: int, config, generator: torch.Generator, progr
             try:
                 losses.append(match_gradient(net, images, labels, log_alpha, start, target, idx, opts, augment,
                                              generator, stats))
-            except FloatingPointError as e:
-                raise DistillError(f"mtt: {e} at iteration {it}; try a lower --mtt-lr-img or --mtt-lr-lr") from None
+            except FloatingPointError as exc:
+                raise DistillError(f"mtt: {exc} at iteration {it}; try a lower --mtt-lr-img or --mtt-lr-lr") from None
             opt.step()
             alphas.append(float(log_alpha.detach().exp()))
             peak = max(peak, stats["peak_state_bytes"])

@@ -206,7 +206,10 @@ def test_bad_options_are_one_clear_error(tiny, name, value, match):
         run("dc", tiny, width=4, **{name: value})
 
 
-def test_dsa_strategy_is_checked(tiny):
+def test_dsa_strategy_is_checked_with_the_config(tiny):
+    from torchopt_ext.condense.config import CondenseConfig
+    with pytest.raises(DistillError, match="--dsa-strategy: expected 'auto', 'none'"):
+        CondenseConfig(methods=["dsa"], options={"dsa_strategy": "blur"}).validate()
     with pytest.raises(DistillError, match="--dsa-strategy: expected 'auto', 'none'"):
         run("dsa", tiny, width=4, strategy="blur")
 

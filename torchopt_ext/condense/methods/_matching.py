@@ -63,6 +63,8 @@ class MatchOptions:
         self.number(prefix, "lr_img")
         self.number(prefix, "momentum_img", low_ok=True)
         self.need(self.init in INITS, prefix, "init", " or ".join(INITS))
+        if "strategy" in self.__dataclass_fields__:   # checked here, before the grid writes anything
+            A.parse_strategy(self.strategy, "", f"--{prefix}-strategy")
 
 
 def families(opts, data: ImageData, prefix: str):

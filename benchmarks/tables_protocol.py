@@ -7,11 +7,13 @@ Each command is ``python -m torchopt_ext distill --arch A --restarts R --outer-e
 --no-progress --out OUT/<checkout>/<table>``, run from the repository root of each checkout; with
 several checkouts the commands are interleaved (arch 1 in each, then arch 2 in each, ...), so that a
 change of load on a shared machine hits all of them alike. Prints wall, distillation and evaluation
-seconds of every command (the last two as the driver reports them), the totals and the load average.
+seconds of every command (the last two as the driver reports them, wall), its CPU seconds (user +
+system, what the work costs however busy the machine is), the totals and the load average.
 """
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -22,14 +24,17 @@ TABLES = [("table1_arch1", "1"), ("table1_arch2", "2"), ("table1_arch4", "4"), (
 def run(checkout, arch, restarts, outer, out):
     cmd = [sys.executable, "-m", "torchopt_ext", "distill", "--arch", arch, "--restarts", str(restarts),
            "--outer-epochs", str(outer), "--eval-models", "5", "--no-progress", "--out", out]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} (in {checkout}) failed:\n{proc.stderr}")
     distill = re.search(r"distilled \d+ restart\(s\) in ([\d.]+) s", proc.stdout)
     evaluation = re.search(r"evaluation ([\d.]+) s", proc.stdout)
-    return {"wall": wall, "distill": float(distill.group(1)) if distill else None,
+    return {"wall": wall, "cpu": cpu, "distill": float(distill.group(1)) if distill else None,
             "evaluation": float(evaluation.group(1)) if evaluation else None}
 
 
@@ -47,19 +52,23 @@ def main():
     print(f"load average at start {os.getloadavg()[0]:.2f}; {args.restarts} restarts x {args.outer_epochs} outer "
           "epochs", flush=True)
     totals = {label: 0.0 for label in labels}
+    cpus = {label: 0.0 for label in labels}
     for label in labels:
         os.makedirs(os.path.join(args.out, label))
     for name, arch in TABLES:
         for root, label in zip(roots, labels):
             r = run(root, arch, args.restarts, args.outer_epochs, os.path.join(os.path.abspath(args.out), label, name))
             totals[label] += r["wall"]
+            cpus[label] += r["cpu"]
             print(f"{name:13s} --arch {arch:6s} {root}: wall {r['wall']:.1f} s (distillation {r['distill']} s, "
-                  f"evaluation {r['evaluation']} s); load {os.getloadavg()[0]:.2f}", flush=True)
+                  f"evaluation {r['evaluation']} s), CPU {r['cpu']:.1f} s; load {os.getloadavg()[0]:.2f}", flush=True)
     for root, label in zip(roots, labels):
-        print(f"Table 1 + Table 2, {root}: {totals[label]:.1f} s wall ({totals[label] / 60:.1f} min)")
+        print(f"Table 1 + Table 2, {root}: {totals[label]:.1f} s wall ({totals[label] / 60:.1f} min), "
+              f"{cpus[label]:.1f} s CPU")
     if len(roots) > 1:
-        print("ratios of total wall time to the last checkout's: " +
-              ", ".join(f"{root} {totals[label] / totals[labels[-1]]:.2f}" for root, label in zip(roots, labels)))
+        print("ratios to the last checkout's, wall and CPU: " + ", ".join(
+            f"{root} {totals[label] / totals[labels[-1]]:.2f} and {cpus[label] / cpus[labels[-1]]:.2f}"
+            for root, label in zip(roots, labels)))
 
 
 if __name__ == "__main__":

@@ -205,3 +205,37 @@ def test_sigkill_mid_expert_file_then_rerun_trains_only_what_is_missing(tiny, tm
     assert counted == [1, 2] and rec["reused"] == 1
     fresh, _ = trajectories(tiny, str(tmp_path / "fresh"), n=3)
     assert all(equal(x, y) for x, y in zip(got, fresh))
+
+
+def _spread_rank(rank, port, data, root, log):
+    """One of two gloo ranks calling expert_trajectories(spread=True); logs the experts it trained."""
+    import torch.distributed as dist
+    from dist_helpers import close_gloo, init_gloo
+    init_gloo(rank, 2, port)
+    trained = []
+    real = E.train_expert
+
+    def train(d, key, j, *a, **k):
+        trained.append(j)
+        return real(d, key, j, *a, **k)
+    E.train_expert = train
+    with one_thread():
+        trajs, record = E.expert_trajectories(data, config(), 3, EPOCHS, LR, BATCH, root, spread=True)
+    torch.save({"trained": trained, "trajs": trajs, "record": record}, f"{log}{rank}.pt")
+    assert dist.get_world_size() == 2
+    close_gloo()
+    return 0
+
+
+def test_spread_over_two_ranks_trains_each_expert_once_and_gives_one_process_trajectories(tiny, tmp_path):
+    from dist_helpers import free_port
+    from test_distill_faults import fork, join
+    alone, _ = trajectories(tiny, str(tmp_path / "alone"), n=3)
+    port, log = free_port(), str(tmp_path / "rank")
+    codes = join([fork(_spread_rank, r, port, tiny, str(tmp_path / "spread"), log) for r in range(2)], 120)
+    assert codes == [0, 0]
+    got = [torch.load(f"{log}{r}.pt", weights_only=False) for r in range(2)]
+    assert [g["trained"] for g in got] == [[0, 2], [1]]   # the missing experts round-robin
+    for g in got:
+        assert len(g["trajs"]) == 3 and all(equal(a, b) for a, b in zip(g["trajs"], alone))
+        assert g["record"]["trained"] == 3 and g["record"]["reused"] == 0

@@ -71,6 +71,9 @@ def add_parser(sub):
     g.add_argument("--depth", type=int, default=None,
                    help="conv blocks of convnet (default min(3, floor(log2(side)) - 1): 8x8 -> 2, 28/32 -> 3) "
                    "or hidden layers of mlp (default 2)")
+    g.add_argument("--distill-nets", type=_words, default=None,
+                   help="comma-separated nets to condense with at once (dc, dsa, dm draw each iteration's fresh net "
+                   "among them; the multi-architecture remedy for transfer); default: --net")
     g.add_argument("--eval-nets", type=_words, default=None,
                    help="comma-separated nets to evaluate on (the cross-architecture table); default: --net")
     g = p.add_argument_group("evaluation protocol")

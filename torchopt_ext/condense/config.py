@@ -11,6 +11,8 @@ from torchopt_ext.distill.config import DistillError
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 EVAL_OPTIMIZERS = ("sgd", "implicit", "adaptive")
 HERDING_SPACES = ("features", "pixels")
+MULTI_NET_METHODS = ("dc", "dsa", "dm")   # methods that draw a fresh net per iteration
+NETLESS_METHODS = ("random", "whole")
 
 
 class CondenseError(DistillError):
@@ -40,6 +42,7 @@ class CondenseConfig:
     width: int = 128
     depth: Optional[int] = None          # default: nets.default_depth
     eval_nets: Optional[List[str]] = None  # default: [net]
+    distill_nets: Optional[List[str]] = None  # several: dc/dsa/dm draw each iteration's net among them
     # evaluation protocol (evaluate.py)
     eval_models: int = 5
     eval_epochs: int = 300
@@ -64,6 +67,11 @@ class CondenseConfig:
     @property
     def test_nets(self) -> List[str]:
         return list(self.eval_nets or [self.net])
+
+    @property
+    def train_nets(self) -> List[str]:
+        """The architectures methods condense with: --distill-nets, else --net alone."""
+        return list(self.distill_nets or [self.net])
 
     def cell_epochs(self, method: str) -> int:
         """Training epochs of the evaluation nets of a ``method`` cell (the whole-data row may have its own)."""
@@ -102,6 +110,15 @@ class CondenseConfig:
         for n in self.test_nets:
             need(n in NETS, "--eval-nets", "names from " + ", ".join(NETS), n)
         need(len(set(self.test_nets)) == len(self.test_nets), "--eval-nets", "each net once", self.test_nets)
+        for n in self.train_nets:
+            need(n in NETS, "--distill-nets", "names from " + ", ".join(NETS), n)
+        need(len(set(self.train_nets)) == len(self.train_nets), "--distill-nets", "each net once",
+             self.train_nets)
+        if len(self.train_nets) > 1:
+            for m in self.methods:
+                need(m in MULTI_NET_METHODS + NETLESS_METHODS, "--distill-nets",
+                     "one net for --method " + m + " (several nets work with " + ", ".join(MULTI_NET_METHODS)
+                     + ")", self.train_nets)
         need(positive_int(self.width), "--width", "an integer >= 1", self.width)
         need(self.depth is None or positive_int(self.depth), "--depth", "an integer >= 1", self.depth)
         for name in ("eval_models", "eval_epochs"):

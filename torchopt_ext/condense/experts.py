@@ -24,8 +24,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from torchopt_ext._atomic import atomic_open
+from torchopt_ext._distributed import gathered
 from torchopt_ext.condense.config import derive_seed
 from torchopt_ext.condense.nets import seeded_net
+from torchopt_ext.condense.ranks import my_share
 from torchopt_ext.condense.types import ImageData
 from torchopt_ext.distill.io import DIGEST_KEY, tensor_digest
 
@@ -127,11 +129,13 @@ def load_expert(path: str, key: dict, j: int, shapes: Dict[str, tuple]) -> dict:
 
 def expert_trajectories(data: ImageData, config, n_experts: int, epochs: int, lr: float, batch: int, root: str,
                         augment: Optional[Augment] = None, augment_name: Optional[str] = None,
-                        progress: bool = False) -> Tuple[List[Trajectory], dict]:
+                        progress: bool = False, spread: bool = False) -> Tuple[List[Trajectory], dict]:
     """E = ``n_experts`` trajectories from the cache in ``root``, training (and saving) those missing or bad.
 
     Returns the trajectories (expert j's at index j) and a record: the key, folder, test accuracies, how many
-    were trained here and reused, and the seconds spent training.
+    were trained here and reused, and the seconds spent training. With ``spread`` (every rank of a torchrun
+    calls it together) each rank trains its round-robin share of the missing experts, then all read the
+    others' files; the trajectories do not depend on which rank trained them (each expert has its own seed).
     """
     key = expert_key(data, config, epochs, lr, batch, augment_name)
     folder = key_folder(root, key)
@@ -151,22 +155,32 @@ def expert_trajectories(data: ImageData, config, n_experts: int, epochs: int, lr
                 warnings.warn(f"mtt: expert file {path} cannot be used ({why}); training expert {j} again",
                               stacklevel=2)
     missing = [j for j in range(n_experts) if j not in states]
-    bar = None
-    if progress and missing:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(missing) * epochs, desc="mtt experts", unit="epoch", leave=False)
-    seconds = 0.0
-    try:
-        for j in missing:
-            t0 = time.perf_counter()
-            traj, acc = train_expert(data, key, j, augment, tick=None if bar is None else bar.update)
-            spent = time.perf_counter() - t0
-            save_expert(expert_path(root, key, j), key, j, traj, acc, spent)
-            states[j] = {"trajectory": traj, "test_acc": acc}
-            seconds += spent
-    finally:
-        if bar is not None:
-            bar.close()
+    mine = my_share(missing) if spread else missing
+
+    def train(js) -> float:
+        bar, seconds = None, 0.0
+        if progress and js:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(js) * epochs, desc="mtt experts", unit="epoch", leave=False)
+        try:
+            for j in js:
+                t0 = time.perf_counter()
+                traj, acc = train_expert(data, key, j, augment, tick=None if bar is None else bar.update)
+                spent = time.perf_counter() - t0
+                save_expert(expert_path(root, key, j), key, j, traj, acc, spent)
+                states[j] = {"trajectory": traj, "test_acc": acc}
+                seconds += spent
+        finally:
+            if bar is not None:
+                bar.close()
+        return seconds
+
+    if spread:   # a failure on one rank is raised on all; after it every share is on disk
+        seconds = sum(gathered(lambda: train(mine)))
+        for j in sorted(set(missing) - set(mine)):
+            states[j] = load_expert(expert_path(root, key, j), key, j, shapes)
+    else:
+        seconds = train(missing)
     return [states[j]["trajectory"] for j in range(n_experts)], {
         "key": key, "folder": folder, "test_acc": [float(states[j]["test_acc"]) for j in range(n_experts)],
         "trained": len(missing), "reused": n_experts - len(missing), "train_seconds": seconds}

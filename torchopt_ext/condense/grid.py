@@ -22,7 +22,8 @@ from torchopt_ext._distributed import everywhere, gathered, on_rank0, rank_world
 from torchopt_ext.condense.config import CondenseConfig, CondenseError, derive_seed
 from torchopt_ext.condense.data import check_ipc, load_images
 from torchopt_ext.condense.evaluate import compute_threads, evaluate_detailed, merge_evaluations, protocol_text
-from torchopt_ext.condense.methods import load_methods
+from torchopt_ext.condense.memory import peak_rss
+from torchopt_ext.condense.methods import PREPARE, load_methods
 from torchopt_ext.condense.nets import make_net
 from torchopt_ext.condense.outputs import GridDir, check_out, saved_state, set_files, set_from_state
 from torchopt_ext.condense.ranks import in_rounds
@@ -44,7 +45,9 @@ def _load_data(config: CondenseConfig) -> ImageData:
     """The data, and every error a bad option can raise, before any file is written."""
     data = load_images(config.dataset, config.data_root, config.seed, config.test_fraction, config.zca,
                        config.torch_dtype)
-    make_net(config.net, data.shape, data.n_classes, config.width, config.depth)
+    for name in config.train_nets:
+        make_net(name, data.shape, data.n_classes, config.width, config.depth,
+                 arg="--distill-nets" if config.distill_nets else "--net")
     for name in config.test_nets:
         make_net(name, data.shape, data.n_classes, config.width, config.depth, arg="--eval-nets")
     if any(m != "whole" for m in config.methods):
@@ -102,7 +105,9 @@ def _condense_cell(config, data, methods, cell, progress):
     method, ipc = cell
     gen = torch.Generator().manual_seed(derive_seed(config.seed, method, ipc))
     t0 = time.perf_counter()
-    syn = methods[method](data, ipc, config, gen, progress)
+    with peak_rss() as memory:
+        syn = methods[method](data, ipc, config, gen, progress)
+    syn.meta = dict(syn.meta or {}, **memory)
     return saved_state(syn), time.perf_counter() - t0
 
 
@@ -114,11 +119,17 @@ def _run(config, data, methods, outdir, out, progress):
     states = {name: p["state"] for name, p in plan.items() if p["state"] is not None}
     walls = {name: p["method_wall_s"] for name, p in plan.items()}
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
+    prepared = {}
+    for method in dict.fromkeys(m for m, _ in todo):
+        if method in PREPARE:
+            t0 = time.perf_counter()
+            PREPARE[method](data, config, progress)
+            prepared[method] = time.perf_counter() - t0
     _condense_pass(config, data, methods, todo, outdir, states, walls, progress)
     syns = {name: set_from_state(state, data, set_files(name)[0]) for name, state in states.items()}
 
     def write(records, complete=False):
-        results = _results(config, data, out, cells, records, world)
+        results = _results(config, data, out, cells, records, world, prepared)
         on_rank0(lambda: outdir.write_results(results, complete))
         return results
     _evaluate_pass(config, data, [c for c in cells if cell_name(*c) not in records], syns, walls, records, write,
@@ -176,9 +187,9 @@ def _cell_record(method, ipc, syn, method_wall_s, evals):
             "meta": {k: _plain(v) for k, v in syn.meta.items() if k != "train_index"}}
 
 
-def _results(config, data, out, cells, records, world):
+def _results(config, data, out, cells, records, world, prepared):
     order = [cell_name(m, k) for m, k in cells]
     return {"config": dataclasses.asdict(config), "data": data.record(), "command": config.command(out),
             "protocol": protocol_text(config.eval_models, config.eval_epochs, config.eval_optimizer,
                                       config.use_learned_lrs, config.eval_augment),
-            "world_size": world, "cells": {name: records[name] for name in order if name in records}}
+            "world_size": world, "prepare_wall_s": prepared, "cells": {name: records[name] for name in order if name in records}}

@@ -15,6 +15,11 @@ def cell_name(method: str, ipc) -> str:
     return "whole" if method == "whole" else f"{method}_ipc{ipc}"
 
 
+def _nets(cfg: dict) -> str:
+    several = cfg.get("distill_nets") or []
+    return f"{cfg['net']} net" if len(several) < 2 else "nets " + ", ".join(several) + " (one drawn per iteration)"
+
+
 def results_markdown(results: dict) -> str:
     """The table in percent, mean ± std over the evaluation nets, then the protocol, data and command."""
     cfg = results["config"]
@@ -34,6 +39,7 @@ def results_markdown(results: dict) -> str:
         label = f"whole ({cells['whole']['n_images']} images)" if m == "whole" else m
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     data = results["data"]
+    memory = memory_markdown(cells, [m for m in methods if m != "whole"], ipcs)
     notes = [f"Test accuracy in %, mean ± std over {cfg['eval_models']} evaluation nets. "
              + protocol_text(cfg["eval_models"], cfg["eval_epochs"], cfg["eval_optimizer"], cfg["use_learned_lrs"],
                            cfg.get("eval_augment", False))]
@@ -45,10 +51,44 @@ def results_markdown(results: dict) -> str:
     zca = ", ZCA-whitened" if data["zca"] else ""
     notes.append(f"Data: {data['name']}, {data['n_train']} training / {data['n_test']} test images of shape "
                  f"{'x'.join(str(s) for s in data['shape'])}, standardised per channel{zca}; split: "
-                 f"{data['split'].get('kind', '')}. Methods distil with the {cfg['net']} net (width {cfg['width']}, "
+                 f"{data['split'].get('kind', '')}. Methods distil with the {_nets(cfg)} (width {cfg['width']}, "
                  f"depth {cfg['depth'] or 'default'}; a method's own --<method>-width, where it has one, sets its "
                  f"inner net's width: see each cell's options in results.json); seed {cfg['seed']}.")
     wall = sum(c.get("method_wall_s", 0) + sum(sum(e["wall_s"]) for e in c["eval"].values()) for c in cells.values())
-    notes.append(f"Wall time of the cells: {wall:.0f} s (per cell and per net in results.json).")
+    shared = results.get("prepare_wall_s") or {}
+    shared_text = "".join(f"; {m}'s shared work before the cells {s:.0f} s" for m, s in shared.items())
+    notes.append(f"Wall time of the cells: {wall:.0f} s{shared_text} (per cell and per net in results.json).")
     notes.append(f"Command: `{results['command']}`")
-    return "# Condensation results\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return ("# Condensation results\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+            + (memory and "\n" + memory))
+
+
+def held_bytes(meta: dict):
+    """The bytes of tensors the method counts as held in one outer iteration (its peak), None when it counts none:
+    the unrolls' parameter copies (dd, ld, gtn, mtt), the matching methods' saved tensors (dc, dsa, dm)."""
+    if meta.get("peak_state_bytes"):
+        return meta["peak_state_bytes"]
+    return max(meta["held_bytes"]) if meta.get("held_bytes") else None
+
+
+def memory_markdown(cells: dict, methods, ipcs) -> str:
+    """The memory table: per cell the condensation's peak resident memory above the cell's start (MiB) and, in
+    brackets, what the method counts as held per outer iteration; empty when no cell measured either."""
+    def mib(b):
+        return f"{b / 2 ** 20:.1f}"
+    rows, any_value = [], False
+    for m in methods:
+        out = []
+        for k in ipcs:
+            meta = cells.get(cell_name(m, k), {}).get("meta", {})
+            rss, held = meta.get("peak_rss_bytes"), held_bytes(meta)
+            any_value = any_value or rss is not None or held is not None
+            out.append(("—" if rss is None else mib(rss)) + ("" if held is None else f" ({mib(held)})"))
+        rows.append(f"| {m} | " + " | ".join(out) + " |")
+    if not any_value:
+        return ""
+    return ("## Memory of the condensation (MiB)\n\n| method | " + " | ".join(f"ipc {k}" for k in ipcs) + " |\n|---|"
+            + "---|" * len(ipcs) + "\n" + "\n".join(rows) + "\n\nPeak resident memory of the process while the "
+            "method ran, above its size when the cell began (Linux's VmHWM, reset per cell); in brackets the tensors "
+            "the method itself counts as held in one outer iteration (parameter copies of an unroll, or the tensors "
+            "autograd saved), where it counts them.\n")

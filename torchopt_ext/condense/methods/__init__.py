@@ -2,19 +2,24 @@
 
 ``data``: ImageData; ``ipc``: images per class; ``config``: the run's CondenseConfig (method options);
 ``generator``: a seeded torch.Generator that makes the run reproducible; ``progress``: show tqdm.
-Methods register themselves with :func:`register`; ``METHODS`` maps names to functions.
+Methods register themselves with :func:`register`; ``METHODS`` maps names to functions. A method may also
+register ``prepare(data, config, progress)``: work its cells share (mtt's expert trajectories), which the grid
+runs once, on every rank of a torchrun together, before any cell (it may spread the work over the ranks).
 """
 from typing import Callable, Dict, Optional
 
 METHODS: Dict[str, Callable] = {}
 OPTIONS: Dict[str, type] = {}   # method -> the dataclass of its options (``config.<method>_<name>``)
+PREPARE: Dict[str, Callable] = {}   # method -> its shared work, run collectively before the cells
 
 
-def register(name: str, options: Optional[type] = None):
+def register(name: str, options: Optional[type] = None, prepare: Optional[Callable] = None):
     def deco(fn):
         METHODS[name] = fn
         if options is not None:
             OPTIONS[name] = options
+        if prepare is not None:
+            PREPARE[name] = prepare
         return fn
     return deco
 

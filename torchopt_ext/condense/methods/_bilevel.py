@@ -68,11 +68,11 @@ class BilevelOptions:
         return self.steps * self.epochs
 
 
-def build_net(config, data: ImageData, width: Optional[int] = None) -> torch.nn.Module:
-    """The run's architecture (config.net, .depth) with ``width`` channels (None: config.width), in the data's
-    dtype."""
+def build_net(config, data: ImageData, width: Optional[int] = None, name: Optional[str] = None) -> torch.nn.Module:
+    """Architecture ``name`` (None: config.net; its .depth) with ``width`` channels (None: config.width), in the
+    data's dtype."""
     from torchopt_ext.condense.nets import make_net
-    net = make_net(getattr(config, "net", "convnet"), data.shape, data.n_classes,
+    net = make_net(name or getattr(config, "net", "convnet"), data.shape, data.n_classes,
                    width=width or getattr(config, "width", 128), depth=getattr(config, "depth", None))
     return net.to(data.x_train.dtype)
 
@@ -179,7 +179,7 @@ def outer_loop(data: ImageData, config, opts: BilevelOptions, generator: torch.G
     opt = torch.optim.Adam(groups)
     fixed = draw_params(config, data, generator, opts.models, opts.width) if opts.fixed_init else None
     N = data.x_train.shape[0]
-    losses = []
+    losses, stats, peak = [], {}, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -191,7 +191,8 @@ def outer_loop(data: ImageData, config, opts: BilevelOptions, generator: torch.G
             outer = U.cross_entropy_outer(net, data.x_train[idx], data.y_train[idx])
             opt.zero_grad(set_to_none=True)
             try:
-                losses.append(hypergradient(net, thetas, outer, batches, rates, opts, need_x))
+                losses.append(hypergradient(net, thetas, outer, batches, rates, opts, need_x, stats))
+                peak = max(peak, stats.get("peak_state_bytes", 0))
             except FloatingPointError as e:
                 raise DistillError(f"{name}: {e} at outer iteration {it}; try a lower --{name}-outer-lr or "
                                    f"--{name}-lr-init") from None
@@ -202,7 +203,7 @@ def outer_loop(data: ImageData, config, opts: BilevelOptions, generator: torch.G
     finally:
         if bar is not None:
             bar.close()
-    return {"losses": losses, "seconds": time.perf_counter() - t0}
+    return {"losses": losses, "seconds": time.perf_counter() - t0, "peak_state_bytes": peak}
 
 
 def meta(name: str, ipc: int, opts: BilevelOptions, n_classes: int, extra: dict) -> dict:

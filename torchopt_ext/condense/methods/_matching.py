@@ -92,8 +92,12 @@ def real_batch(data: ImageData, pool: torch.Tensor, n: int, generator: torch.Gen
 
 
 def fresh_net(config, data: ImageData, generator: torch.Generator) -> torch.nn.Module:
-    """config.net freshly initialised (its own init) from ``generator``, in train mode."""
-    return B.seeded(generator, lambda: B.build_net(config, data)).train()
+    """A freshly initialised net (its own init) from ``generator``, in train mode: config.net, or with several
+    --distill-nets one of them drawn uniformly (the generator is not touched for one net, so its runs stay as
+    they were)."""
+    names = config.train_nets if hasattr(config, "train_nets") else [config.net]
+    name = names[0] if len(names) == 1 else names[int(torch.randint(len(names), (1,), generator=generator))]
+    return B.seeded(generator, lambda: B.build_net(config, data, name=name)).train()
 
 
 def siamese(xs: Sequence[torch.Tensor], fams: Sequence[str], generator: torch.Generator) -> List[torch.Tensor]:

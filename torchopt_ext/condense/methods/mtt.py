@@ -181,7 +181,15 @@ def match_gradient(net: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
                            lambda: log_alpha.exp().expand(n), opts, stats=stats)
 
 
-@register("mtt", options=MTTOptions)
+def prepare(data: ImageData, config, progress: bool = False):
+    """Every mtt cell's experts, trained before the cells and spread over the ranks of a torchrun (each cell then
+    reads them from the cache)."""
+    opts = MTTOptions.from_config(config)
+    E.expert_trajectories(data, config, opts.experts, opts.train_epochs, opts.expert_lr, opts.expert_batch,
+                          experts_root(opts, config), progress=progress, spread=True)
+
+
+@register("mtt", options=MTTOptions, prepare=prepare)
 def mtt(data: ImageData, ipc: int, config, generator: torch.Generator, progress: bool = False) -> SyntheticSet:
     return distill(data, ipc, config, generator, progress)
 

@@ -1,5 +1,6 @@
 """Condensing with several architectures at once (--distill-nets) and the memory each cell's method needed."""
 import json
+import os
 import types
 
 import pytest
@@ -71,6 +72,9 @@ def test_grid_condenses_dm_with_two_nets_and_reports_memory(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["distill_nets"] == ["convnet", "mlp"]
-    assert len(results["cells"]["dm_ipc1"]["meta"]["held_bytes"]) == 4
+    meta = results["cells"]["dm_ipc1"]["meta"]
+    assert len(meta["held_bytes"]) == 4
+    assert os.path.exists("/proc/self/clear_refs") <= (isinstance(meta["peak_rss_bytes"], int)
+                                                       and meta["peak_rss_bytes"] > 0)
     text = (out / "results.md").read_text()
     assert "nets convnet, mlp (one drawn per iteration)" in text and "## Memory of the condensation" in text

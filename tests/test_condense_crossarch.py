@@ -57,8 +57,8 @@ def test_peak_rss_sees_an_allocation():
 
 
 def test_memory_table_lists_rss_and_held_bytes():
-    cells = {"dm_ipc1": {"meta": {"peak_rss_bytes": 3 * 2 ** 20, "held_bytes": [2 ** 20, 2 ** 19]}},
-             "mtt_ipc1": {"meta": {"peak_rss_bytes": None, "peak_state_bytes": 2 ** 21}}}
+    cells = {"dm_ipc1": {"peak_rss_bytes": 3 * 2 ** 20, "meta": {"held_bytes": [2 ** 20, 2 ** 19]}},
+             "mtt_ipc1": {"peak_rss_bytes": None, "meta": {"peak_state_bytes": 2 ** 21}}}
     text = memory_markdown(cells, ["dm", "mtt", "random"], [1])
     assert "| dm | 3.0 (1.0) |" in text and "| mtt | — (2.0) |" in text and "| random | — |" in text
     assert memory_markdown({"random_ipc1": {"meta": {}}}, ["random"], [1]) == ""
@@ -72,9 +72,9 @@ def test_grid_condenses_dm_with_two_nets_and_reports_memory(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["distill_nets"] == ["convnet", "mlp"]
-    meta = results["cells"]["dm_ipc1"]["meta"]
-    assert len(meta["held_bytes"]) == 4
-    assert os.path.exists("/proc/self/clear_refs") <= (isinstance(meta["peak_rss_bytes"], int)
-                                                       and meta["peak_rss_bytes"] > 0)
+    cell = results["cells"]["dm_ipc1"]
+    assert len(cell["meta"]["held_bytes"]) == 4
+    assert os.path.exists("/proc/self/clear_refs") <= (isinstance(cell["peak_rss_bytes"], int)
+                                                       and cell["peak_rss_bytes"] > 0)
     text = (out / "results.md").read_text()
     assert "nets convnet, mlp (one drawn per iteration)" in text and "## Memory of the condensation" in text

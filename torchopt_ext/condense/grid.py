@@ -101,14 +101,13 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
 
 
 def _condense_cell(config, data, methods, cell, progress):
-    """(saved state, wall seconds) of the set of cell (method, ipc), from the cell's own seed."""
+    """(saved state, {method_wall_s, peak_rss_bytes}) of the set of cell (method, ipc), from the cell's own seed."""
     method, ipc = cell
     gen = torch.Generator().manual_seed(derive_seed(config.seed, method, ipc))
     t0 = time.perf_counter()
-    with peak_rss() as memory:
+    with peak_rss() as memory:   # in the record, not the set: it depends on the process, the set must not
         syn = methods[method](data, ipc, config, gen, progress)
-    syn.meta = dict(syn.meta or {}, **memory)
-    return saved_state(syn), time.perf_counter() - t0
+    return saved_state(syn), {"method_wall_s": time.perf_counter() - t0, **memory}
 
 
 def _run(config, data, methods, outdir, out, progress):
@@ -117,7 +116,8 @@ def _run(config, data, methods, outdir, out, progress):
     plan = gathered(lambda: outdir.plan(cells, data) if rank == 0 else None)[0]
     records = {name: p["record"] for name, p in plan.items() if p["record"] is not None}
     states = {name: p["state"] for name, p in plan.items() if p["state"] is not None}
-    walls = {name: p["method_wall_s"] for name, p in plan.items()}
+    walls = {name: {"method_wall_s": p["method_wall_s"], "peak_rss_bytes": p.get("peak_rss_bytes")}
+             for name, p in plan.items()}   # cell -> what its method cost
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
     prepared = {}
     for method in dict.fromkeys(m for m, _ in todo):
@@ -142,8 +142,8 @@ def _condense_pass(config, data, methods, todo, outdir, states, walls, progress)
     saved by rank 0 after each round."""
     bar = tqdm(total=len(todo), disable=not progress, desc="condense")
     for group, got in in_rounds(todo, lambda c: _condense_cell(config, data, methods, c, progress)):
-        for (method, ipc), (state, wall) in zip(group, got):
-            states[cell_name(method, ipc)], walls[cell_name(method, ipc)] = state, wall
+        for (method, ipc), (state, cost) in zip(group, got):
+            states[cell_name(method, ipc)], walls[cell_name(method, ipc)] = state, cost
         on_rank0(lambda: outdir.save_sets([(m, k, states[cell_name(m, k)]) for m, k in group], data))
         bar.update(len(group))
     bar.close()
@@ -180,9 +180,9 @@ def _evaluate_pass(config, data, cells, syns, walls, records, write, progress):
     bar.close()
 
 
-def _cell_record(method, ipc, syn, method_wall_s, evals):
+def _cell_record(method, ipc, syn, cost, evals):
     pt, png = set_files(cell_name(method, ipc))
-    return {"method": method, "ipc": ipc, "file": pt, "png": png, "method_wall_s": method_wall_s, "eval": evals,
+    return {"method": method, "ipc": ipc, "file": pt, "png": png, **cost, "eval": evals,
             "n_images": int(syn.images.shape[0]),
             "meta": {k: _plain(v) for k, v in syn.meta.items() if k != "train_index"}}
 

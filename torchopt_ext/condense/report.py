@@ -80,8 +80,8 @@ def memory_markdown(cells: dict, methods, ipcs) -> str:
     for m in methods:
         out = []
         for k in ipcs:
-            meta = cells.get(cell_name(m, k), {}).get("meta", {})
-            rss, held = meta.get("peak_rss_bytes"), held_bytes(meta)
+            cell = cells.get(cell_name(m, k), {})
+            rss, held = cell.get("peak_rss_bytes"), held_bytes(cell.get("meta", {}))
             any_value = any_value or rss is not None or held is not None
             out.append(("—" if rss is None else mib(rss)) + ("" if held is None else f" ({mib(held)})"))
         rows.append(f"| {m} | " + " | ".join(out) + " |")

@@ -119,6 +119,7 @@ def _run(config, data, methods, outdir, out, progress):
     walls = {name: {"method_wall_s": p["method_wall_s"], "peak_rss_bytes": p.get("peak_rss_bytes")}
              for name, p in plan.items()}   # cell -> what its method cost
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
+    todo.sort(key=lambda c: (c[1] is None, c[1] or 0))   # ipc-major: a round's cells cost alike, ranks idle less
     prepared = {}
     for method in dict.fromkeys(m for m, _ in todo):
         if method in PREPARE:

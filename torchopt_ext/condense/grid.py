@@ -22,7 +22,6 @@ from torchopt_ext._distributed import everywhere, gathered, on_rank0, rank_world
 from torchopt_ext.condense.config import CondenseConfig, CondenseError, derive_seed
 from torchopt_ext.condense.data import check_ipc, load_images
 from torchopt_ext.condense.evaluate import compute_threads, evaluate_detailed, merge_evaluations, protocol_text
-from torchopt_ext.condense.memory import peak_rss
 from torchopt_ext.condense.methods import PREPARE, load_methods
 from torchopt_ext.condense.nets import make_net
 from torchopt_ext.condense.outputs import GridDir, check_out, saved_state, set_files, set_from_state
@@ -101,13 +100,12 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
 
 
 def _condense_cell(config, data, methods, cell, progress):
-    """(saved state, {method_wall_s, peak_rss_bytes}) of the set of cell (method, ipc), from the cell's own seed."""
+    """(saved state, {method_wall_s}) of the set of cell (method, ipc), from the cell's own seed."""
     method, ipc = cell
     gen = torch.Generator().manual_seed(derive_seed(config.seed, method, ipc))
     t0 = time.perf_counter()
-    with peak_rss() as memory:   # in the record, not the set: it depends on the process, the set must not
-        syn = methods[method](data, ipc, config, gen, progress)
-    return saved_state(syn), {"method_wall_s": time.perf_counter() - t0, **memory}
+    syn = methods[method](data, ipc, config, gen, progress)
+    return saved_state(syn), {"method_wall_s": time.perf_counter() - t0}
 
 
 def _run(config, data, methods, outdir, out, progress):
@@ -116,8 +114,7 @@ def _run(config, data, methods, outdir, out, progress):
     plan = gathered(lambda: outdir.plan(cells, data) if rank == 0 else None)[0]
     records = {name: p["record"] for name, p in plan.items() if p["record"] is not None}
     states = {name: p["state"] for name, p in plan.items() if p["state"] is not None}
-    walls = {name: {"method_wall_s": p["method_wall_s"], "peak_rss_bytes": p.get("peak_rss_bytes")}
-             for name, p in plan.items()}   # cell -> what its method cost
+    walls = {name: {"method_wall_s": p["method_wall_s"]} for name, p in plan.items()}   # cell -> its method's cost
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
     todo.sort(key=lambda c: (c[1] is None, c[1] or 0))   # ipc-major: a round's cells cost alike, ranks idle less
     prepared = {}

@@ -1,45 +1,53 @@
-"""Peak resident memory of a piece of work, the one memory figure every method shares.
+"""What a method holds in one outer iteration, counted the same way by every method that counts it.
 
-Linux keeps a process's peak resident set (VmHWM in /proc/self/status) and resets it to the current size when
-"5" is written to /proc/self/clear_refs; so the peak of one cell is measured without a second process. What the
-figure holds: every byte the method touched while it ran (tensors, autograd's saved tensors, the allocator's
-slack), above what the process held when the cell began. Elsewhere, or where the reset is refused, None.
+The count is of tensor bytes (numel x element size, no allocator slack): the tensors a step keeps on purpose
+plus every distinct storage autograd saves for backward. It is deterministic, unlike the process's resident
+size, which in a long grid mostly shows what earlier cells left in the allocator's free lists.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+from typing import Iterable
+
+import torch
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+class Held:
+    """Peak bytes of the tensors one step holds: ``fixed`` ones plus every distinct storage autograd saves for
+    backward inside :meth:`step` (counted as unroll.py counts its thetas: numel x element size, no allocator
+    overhead); a storage freed and reused within a step is counted once. The context yields ``hold(tensors)``,
+    which adds tensors the step keeps outside autograd (a detached gradient)."""
 
+    def __init__(self):
+        self.peak = 0
 
-@contextlib.contextmanager
-def peak_rss():
-    """Yields a dict that, after the block, holds ``peak_rss_bytes``: the block's peak resident size above the
-    size at its start (None where it cannot be measured)."""
-    out: Dict[str, Optional[int]] = {"peak_rss_bytes": None}
-    start = _status_kib("VmRSS") if _reset_peak() else None
-    try:
-        yield out
-    finally:
-        peak = _status_kib("VmHWM")
-        if start is not None and peak is not None:
-            out["peak_rss_bytes"] = max(0, peak - start) * 1024
+    @contextlib.contextmanager
+    def step(self, fixed: Iterable[torch.Tensor]):
+        seen = {}
+        for t in fixed:
+            seen[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+
+        def pack(t):
+            try:
+                s = t.untyped_storage()
+                seen.setdefault(s.data_ptr(), s.nbytes())
+            except (RuntimeError, NotImplementedError):   # a tensor without a plain storage
+                seen.setdefault(id(t), t.numel() * t.element_size())
+            return t
+
+        def hold(tensors: Iterable[torch.Tensor]):
+            for t in tensors:
+                seen.setdefault(t.untyped_storage().data_ptr(), t.numel() * t.element_size())
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield hold
+        self.peak = max(self.peak, sum(seen.values()))
+
+    def take(self) -> int:
+        """The peak since the last take, and start a new count."""
+        peak, self.peak = self.peak, 0
+        return peak

@@ -205,8 +205,7 @@ class GridDir:
             if name in self.redone:
                 self._say(f"{self.redone[name]}; cell {name} is condensed again")
             plan[name] = {"record": record, "state": None if record is not None else state,
-                          "method_wall_s": previous.get("method_wall_s", 0.0),
-                          "peak_rss_bytes": previous.get("peak_rss_bytes")}
+                          "method_wall_s": previous.get("method_wall_s", 0.0)}
         self.manifest.save()
         return plan
 

@@ -64,31 +64,30 @@ def results_markdown(results: dict) -> str:
 
 
 def held_bytes(meta: dict):
-    """The bytes of tensors the method counts as held in one outer iteration (its peak), None when it counts none:
-    the unrolls' parameter copies (dd, ld, gtn, mtt), the matching methods' saved tensors (dc, dsa, dm)."""
-    if meta.get("peak_state_bytes"):
-        return meta["peak_state_bytes"]
+    """The bytes of tensors the method counts as held in one outer iteration (its peak; condense/memory.py),
+    None when it counts none: the unrolls' parameter copies (dd, ld, gtn, mtt), the tensors autograd saved
+    (dc, dsa, dm, kip)."""
+    for key in ("peak_state_bytes", "peak_held_bytes"):
+        if meta.get(key):
+            return meta[key]
     return max(meta["held_bytes"]) if meta.get("held_bytes") else None
 
 
 def memory_markdown(cells: dict, methods, ipcs) -> str:
-    """The memory table: per cell the condensation's peak resident memory above the cell's start (MiB) and, in
-    brackets, what the method counts as held per outer iteration; empty when no cell measured either."""
-    def mib(b):
-        return f"{b / 2 ** 20:.1f}"
+    """The memory table (MiB held per outer iteration, per cell); empty when no cell counted any."""
     rows, any_value = [], False
     for m in methods:
         out = []
         for k in ipcs:
-            cell = cells.get(cell_name(m, k), {})
-            rss, held = cell.get("peak_rss_bytes"), held_bytes(cell.get("meta", {}))
-            any_value = any_value or rss is not None or held is not None
-            out.append(("—" if rss is None else mib(rss)) + ("" if held is None else f" ({mib(held)})"))
+            held = held_bytes(cells.get(cell_name(m, k), {}).get("meta", {}))
+            any_value = any_value or held is not None
+            out.append("—" if held is None else f"{held / 2 ** 20:.1f}")
         rows.append(f"| {m} | " + " | ".join(out) + " |")
     if not any_value:
         return ""
-    return ("## Memory of the condensation (MiB)\n\n| method | " + " | ".join(f"ipc {k}" for k in ipcs) + " |\n|---|"
-            + "---|" * len(ipcs) + "\n" + "\n".join(rows) + "\n\nPeak resident memory of the process while the "
-            "method ran, above its size when the cell began (Linux's VmHWM, reset per cell); in brackets the tensors "
-            "the method itself counts as held in one outer iteration (parameter copies of an unroll, or the tensors "
-            "autograd saved), where it counts them.\n")
+    return ("## Memory per outer iteration (MiB)\n\n| method | " + " | ".join(f"ipc {k}" for k in ipcs) + " |\n|---|"
+            + "---|" * len(ipcs) + "\n" + "\n".join(rows) + "\n\nThe tensors a method holds at its peak in one "
+            "outer iteration, counted as numel x element size (condense/memory.py): an unroll's parameter copies "
+            "(dd, ld, gtn, mtt; fewer with --<method>-checkpoint-every), or the tensors the step keeps plus every "
+            "storage autograd saves for backward (dc, dsa, dm, kip). No allocator slack, and the same on every "
+            "machine.\n")

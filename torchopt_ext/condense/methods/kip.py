@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 
 from torchopt_ext.condense.kernels import KERNELS, relu_kernel
+from torchopt_ext.condense.memory import Held
 from torchopt_ext.condense.methods import register
 from torchopt_ext.condense.types import ImageData, SyntheticSet
 from torchopt_ext.distill.config import DistillError
@@ -183,11 +184,12 @@ def kip(data: ImageData, ipc: int, config=None, generator: Optional[torch.Genera
         init = SyntheticSet(x_s.detach().to(data.x_train.dtype), one_hot, meta={"kip": dataclasses.asdict(opts)})
         krr_acc_init = krr_accuracy(init, data)
         start = time.perf_counter()
-        steps, losses = _learn(data, x_s, y_s, opts, generator, progress, ipc)
+        steps, losses, peak_held = _learn(data, x_s, y_s, opts, generator, progress, ipc)
         wall = time.perf_counter() - start
         syn = SyntheticSet(x_s.detach().to(data.x_train.dtype), one_hot,
                            meta={"method": "kip", "ipc": ipc, "kip": dataclasses.asdict(opts),
-                                 "loss_steps": steps, "losses": losses, "wall_s": wall})
+                                 "loss_steps": steps, "losses": losses, "wall_s": wall,
+                                 "peak_held_bytes": peak_held})
         if opts.learn_labels:
             syn.meta["krr_labels"] = y_s.detach().tolist()
         syn.meta["krr_acc_init"] = krr_acc_init
@@ -202,14 +204,16 @@ def _learn(data: ImageData, x_s: torch.Tensor, y_s: torch.Tensor, opts: KIPOptio
     n = data.x_train.shape[0]
     optimizer = torch.optim.Adam([x_s] + ([y_s] if opts.learn_labels else []), lr=opts.lr)
     every = max(1, opts.iterations // 200)
-    steps, losses = [], []
+    steps, losses, held = [], [], Held()
     iterator = range(1, opts.iterations + 1)
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc=f"kip ipc {ipc}", unit="step")
     for step in iterator:
         idx = torch.randperm(n, generator=generator)[:opts.target_batch] if opts.target_batch < n else slice(None)
-        loss = kip_loss(x_s, y_s, data.x_train[idx].to(KRR_DTYPE), y_train[idx], opts)
+        with held.step([x_s, y_s] + [t for s in optimizer.state.values() for t in s.values()
+                                     if torch.is_tensor(t) and t.dim() > 0]):
+            loss = kip_loss(x_s, y_s, data.x_train[idx].to(KRR_DTYPE), y_train[idx], opts)
         if not torch.isfinite(loss):
             raise DistillError(f"kip diverged at step {step} (loss {float(loss)}): expected a smaller --kip-lr "
                                f"than {opts.lr!r}")
@@ -219,4 +223,4 @@ def _learn(data: ImageData, x_s: torch.Tensor, y_s: torch.Tensor, opts: KIPOptio
         if step % every == 0 or step == 1 or step == opts.iterations:
             steps.append(step)
             losses.append(float(loss.detach()))
-    return steps, losses
+    return steps, losses, held.take()

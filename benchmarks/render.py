@@ -197,7 +197,7 @@ def render_page(root: str, page: str, values: Dict[str, Dict[str, str]]) -> str:
             raise RenderError(f"{tmpl_rel}: unknown placeholder {{{{{source}.{field}}}}}; known: {known}")
         return values[source][field]
 
-    return PLACEHOLDER.sub(fill, text)
+    return PLACEHOLDER.sub(fill, text).rstrip("\n") + "\n"  # one final newline, however the template ends
 
 
 def render_all(root: str = HERE) -> Dict[str, str]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, run the CUDA tests, the whole suite and the GPU
-# benchmarks. Logs and JSON go to $OUT (or ./gpu_out when run by hand).
+# benchmarks. Logs and JSON go to $OUT (or ./gpu_out when run by hand); copy kernels.json and
+# layers.json to benchmarks/gpu/ and run python benchmarks/render.py to update the GPU page.
 # Usage: bash benchmarks/gpu_run.sh [build|test|bench|all]...
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -26,6 +27,6 @@ if want test; then
   timeout 300 $PY -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$OUT/test_all.log" | tail -25
 fi
 if want bench; then
-  $PY -m torchopt_ext bench --what kernels --device cuda --rows 65536 --cols 1024 --json "$OUT/bench_kernels_cuda.json" 2>&1 | tee "$OUT/bench_kernels.md"
-  $PY -m torchopt_ext bench --what layers --device cuda --no-reference --json "$OUT/bench_layers_cuda.json" 2>&1 | tee "$OUT/bench_layers.md"
+  $PY -m torchopt_ext bench --what kernels --device cuda --rows 65536 --cols 1024 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+  $PY -m torchopt_ext bench --what layers --device cuda --no-reference --json "$OUT/layers.json" 2>&1 | tee "$OUT/layers.md"
 fi

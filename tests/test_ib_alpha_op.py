@@ -192,7 +192,7 @@ def test_raw_op_checks_its_arguments_too():
     """The C++ op checks its arguments itself (for callers of torch.ops.torchopt_ext.ib_alpha).
     Run in a child process: on one GPU image (torch 2.11+cu130, extension built by the system g++
     13.3) any extension's C++ exception thrown through a custom op's call crashed the process,
-    a minimal load_inline op included (benchmarks/RESULTS.md); a crash here must fail this test,
+    a minimal load_inline op included (benchmarks/implicit-gpu.md); a crash here must fail this test,
     not end the test run."""
     res = subprocess.run([sys.executable, "-c", _RAW_OP_CHECKS], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "checked" in res.stdout, (

@@ -11,6 +11,7 @@ import sys
 import torch
 
 import torchopt_ext
+from torchopt_ext.bench import meta
 
 
 def add_parser(sub):
@@ -33,7 +34,9 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=256, help="layer table: batch size (default 256)")
     p.add_argument("--quick", action="store_true", help="small sizes and few rounds, for a smoke run")
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) pure-PyTorch reference column")
-    p.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write every measurement, with the date, hardware, load and command, to this JSON "
+                   "file (benchmarks/render.py renders benchmarks/{cpu,gpu}/{kernels,layers}.json into pages)")
     p.set_defaults(func=run)
     return p
 
@@ -44,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not torchopt_ext.extension_available():
         print("bench: warning: the compiled extension is not built; timing the reference fallback", file=sys.stderr)
-    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device}
+    # the load is read before the measurements, which raise it
+    results = {"meta": meta.collect(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": args.device}
     if args.what in ("kernels", "all"):
         from torchopt_ext.bench import kernels
 

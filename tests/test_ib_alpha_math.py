@@ -1,5 +1,5 @@
 """The reference solver (ib_alpha_reference) held to the mathematics: brute-force minimisation
-of the 1-D implicit-SGD objective, and the limits of ../shared/DESIGN.md §2."""
+of the 1-D implicit-SGD objective, and the limits of docs/derivations.md#notation."""
 import math
 
 import numpy as np

@@ -1,8 +1,8 @@
 """Pure-PyTorch reference of the implicit-backprop alpha solve: the ground truth in the tests and
 the fallback when the compiled extension is missing.
 
-Same contract and the same mathematics as csrc/include/torchopt_ext/ib_alpha_math.h (read the
-derivations there), written with whole-tensor ops and always computed in float64.
+Same contract and the same mathematics as csrc/include/torchopt_ext/ib_alpha_math.h (derived in
+docs/derivations.md), written with whole-tensor ops and always computed in float64.
 """
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
 // Float32 fast paths of the hardtanh, smoothstep and arctan solvers, each with a certificate.
 //
-// The double solvers (ib_alpha_math.h) are compute-bound on a CPU: half the lanes of float32 and,
-// for hardtanh/smoothstep, a generic candidate search. For float32 input these closed forms run in
-// float32, and each also bounds its own rounding error: where a decision (which candidate wins,
-// how many real roots a cubic has, whether Newton has converged) is closer than that bound, or where an input
-// is outside the range the bounds were derived for, the function returns NaN ("not certain") and
-// the caller hands that element on. Two passes: the first (every element) takes smoothstep's and
-// arctan's common case, small steps, by a shorter route with a certificate of its own; the second
-// (the general forms) takes what the first leaves; the double solver takes what both leave.
-// A certain result makes the exact minimiser's choice and is within about 3e-6 |alpha| +
-// 1.5e-5 |b| of it (float32 inputs carry 6e-8 relative rounding already);
-// tests/test_ib_alpha_fast32.py holds it to the float64 reference on the discontinuities of alpha,
-// where a wrong choice would show, and on the edges of the first pass's certificates.
+// The double solvers (ib_alpha_math.h) are compute-bound on a CPU, so float32 input first tries
+// these closed forms in float32. Each bounds its own rounding error and returns NaN ("not certain")
+// where a decision is closer than that bound or an input is outside the bounds' range; the caller
+// then hands the element on: first pass (the common case), second pass (the general float32 form),
+// the double solver. A certain result makes the exact minimiser's choice and is within about
+// 3e-6 |alpha| + 1.5e-5 |b| of it; tests/test_ib_alpha_fast32.py holds it to the float64 reference
+// where a wrong choice would show.
+// Derivation: docs/derivations.md#float32-certificates
 //
-// Notation as in ib_alpha_math.h, after the flip to b >= 0 (both activations are odd):
+// Notation as in ib_alpha_math.h, after the flip to b >= 0 (all three activations are odd):
 //   c = q/d, f = c + 1, e = c - 1, T = tau*b, and tw = u - c = tau*omega, alpha = -tw/(eta*zsq).
 // Where alpha jumps at a kink, f and e are computed as (q +- d)/d with d split into two floats,
-// so they keep full relative precision where c is near -1 or 1, which c + 1 in float32 would not.
+// so that they keep full relative precision where c is near -1 or 1.
 #pragma once
 
 #include "torchopt_ext/ib_alpha_math.h"
@@ -26,6 +22,7 @@ namespace TOX_MATH_NS {
 
 // Per-row constants, computed in double and rounded once. ok = false sends the whole row to the
 // double solver (tau or d too large or small for the float32 bounds below, or not finite).
+// Derivation: docs/derivations.md#row-constants-and-tolerances
 template <typename T>
 struct Fast32Row {
   T d_hi, d_lo;  // d = d_hi + d_lo to about 2^-48
@@ -56,8 +53,8 @@ inline Fast32Row<T> fast32_row(double eta, double mu, double zsq) {
 template <typename T>
 TOX_HD T fast32_tol() { return T(1.9073486328125e-06); }
 
-// Inputs the bounds hold for: |c| <= 1e4, 1e-20 <= |b| <= 1e8 (or b = 0). Keeps every product
-// below in float32 range. NaN or Inf input fails it too, and the double solver handles it.
+// Inputs the bounds hold for: |q| <= 1e4, 1e-20 <= |b| <= 1e8 (or b = 0); NaN or Inf input fails
+// it too, and the double solver handles it.
 template <typename T>
 TOX_HD bool fast32_in_range(T qs, T bb) {
   return (m_abs(qs) <= T(1e4)) & (bb <= T(1e8)) & ((bb >= T(1e-20)) | (bb == T(0)));
@@ -72,9 +69,9 @@ template <typename T>
 TOX_HD T arctan_phi(T v, T w, T bb) { return v * (T(1) + w * w) - bb; }
 
 // hardtanh, b >= 0: u* = c for c <= -1; else the middle piece's u = c - T when that is >= -1
-// (T <= f) and beats staying at c (only a question for c > 1: T > 2e); else u = -1 when that
-// beats staying (f^2 < 4T; always so for c <= 1). Ties go to staying (the smaller |alpha|).
-// T = f needs no certificate: there u = c - T = -1, and both sides give alpha = b/d.
+// (T <= f) and beats staying at c (T > 2e); else u = -1 when that beats staying (f^2 < 4T).
+// Ties go to staying (the smaller |alpha|), and one comparison decides.
+// Derivation: docs/derivations.md#hardtanh-float32
 template <typename T>
 TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
   // every value computed unconditionally, then selected: GCC does not vectorise a conditional
@@ -99,20 +96,10 @@ TOX_HD T alpha_hardtanh_fast32(T q, T b, const Fast32Row<T> r) {
 }
 
 // smoothstep, b >= 0, first pass: the common case in one closed form, no comparison of candidates.
-// With K2 = 3 tau b (= 2K below):
-//  - c <= -1: u stays (alpha = 0).
-//  - -1 < c < 1: the objective's slope is -f/tau < 0 at u = -1 and 1.5 b (1 - c^2) > 0 at c, and on
-//    the middle piece it is a concave quadratic in u, so exactly one root lies between: the middle
-//    minimum is the only candidate, tw = K2 e f / (B + sqrt(disc)) with B = 1 - K2 c and
-//    disc = (K2 - c)^2 - e f, a sum of two non-negative terms. Certain when B >= 1/2, i.e.
-//    K2 c <= 1/2 (always so for c <= 0 or K2 <= 1/2): then |K2 - c| (K2 + |c|) <= 3 disc (the
-//    worst case is c -> 1, K2 -> 1/2), so the rounding of K2 - c moves disc by at most 12 eps
-//    relative, and tw is within about 40 float32 roundings (3e-6) of exact.
-//  - c >= 1: any u <= 1 costs G = (c - u)^2/(2 tau) - b (1 - s(u)) against staying, and with
-//    1 - s(u) = (1 - u)^2 (2 + u)/2, G >= (1 - u)^2 (1 - K2)/(2 tau) > 0 when K2 < 1, and
-//    G >= e^2/(2 tau) - 2b > 0 when e^2 > 4 tau b = 4 K2 / 3: u stays. (Margins of 1% and 0.5%
-//    cover the rounding of K2 and e^2.)
-// Anything else (large steps near or above the kink at 1) is left to the general form below.
+// With K2 = 3 tau b: alpha = 0 for c <= -1; for -1 < c < 1 the middle minimum is the only candidate,
+// tw = K2 e f / (B + sqrt(disc)), certain when K2 c <= 1/2; for c >= 1, u stays when K2 < 1 or
+// e^2 > 4 K2/3 (tested with margins). Large steps near or above the kink at 1 go to the general form.
+// Derivation: docs/derivations.md#smoothstep-float32-first-pass
 template <typename T>
 TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
   const bool neg = b < T(0);
@@ -138,14 +125,10 @@ TOX_HD T alpha_smoothstep_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
-// smoothstep, b >= 0, general form (what the first pass leaves), s(u) = 1.5u - 0.5u^3 on [-1, 1]. Candidates (u <= c, since s is
-// non-decreasing): stay at c (when c >= 1), u = -1, and the middle piece's local minimum, the
-// root of A w^2 + B w + C (A = -K tau, B = 1 - 2Kc, C = -1.5 b e f, K = 1.5 T) where the
-// quadratic's slope B + 2Aw = +sqrt(disc) is positive. disc = B^2 - 4AC = (2K - c)^2 - e f, a
-// sum of two accurate terms. Written for tw = tau*w with one division and no cancellation:
-//   B > 0: tw = 2K e f / (B + sqrt(disc));   B <= 0: tw = -(sqrt(disc) - B) / (2K).
-// Costs G (objective minus its value at c) are compared as in alpha_piecewise, ties to the
-// smaller |tw|; the order stay < middle < (u = -1) is also the order of |tw|.
+// smoothstep, b >= 0, general form (what the first pass leaves), s(u) = 1.5u - 0.5u^3 on [-1, 1].
+// Candidates: stay at c (when c >= 1), u = -1, and the middle piece's local minimum
+// (K = 1.5 T, B = 1 - 2Kc), compared by their costs as in alpha_piecewise, ties to the smaller |tw|.
+// Derivation: docs/derivations.md#smoothstep-float32-general-form
 template <typename T>
 TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   const T tol = fast32_tol<T>();
@@ -158,9 +141,8 @@ TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   const T ef = e * f;  // c^2 - 1
   const T K = T(1.5) * r.tau * bb;
   const T g = T(2) * K - c;
-  // disc = B^2 - 4AC = 1 + 4K(K - c) = (2K - c)^2 + (1 - c^2), in the form without cancellation:
-  // the sum of two non-negative terms for |c| <= 1, the first form above (where the second
-  // cancels). dscale bounds each form's rounding: |error| <= 4 eps dscale (float32 eps = 2^-23).
+  // disc = 1 + 4K(K - c) = (2K - c)^2 + (1 - c^2) in the form that does not cancel for this c;
+  // |error| <= 4 eps dscale
   const bool mid = ef <= T(0);
   const T disc = mid ? g * g - ef : T(1) + T(4) * K * (K - c);
   const T dscale = mid ? T(2) * m_abs(g) * (T(2) * K + m_abs(c)) + m_abs(ef) : T(1) + T(4) * K * (K + m_abs(c));
@@ -169,14 +151,13 @@ TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   const T sq = m_sqrt(disc > T(0) ? disc : T(0));
   const bool bpos = B > T(0);
   const T tw_m = (bpos ? T(2) * K * ef : sq - B) / (bpos ? B + sq : T(-2) * K);
-  // tw_m's relative error, (errB + 2 eps dscale / sq) / (|B| + sq), below 4 tol = 7.6e-6
-  // (multiplied out by sq: no division). Enough, since |alpha| <= 1.5 |b| / d at the middle
-  // minimum: the error stays below 1.2e-5 |b|.
+  // tw_m's relative error, (errB + 2 eps dscale / sq) / (|B| + sq), below 4 tol, multiplied out by
+  // sq so that no division is needed
   const bool tw_certain = errB * sq + T(2) * eps * dscale <= T(4) * tol * (m_abs(B) + sq) * sq;
   const bool real = disc >= T(0);
   const bool m_inside = real & (tw_m >= -f) & (tw_m <= -e);
-  // the ends u = -1 and u = 1 need no margin: near u = -1 the middle minimum and u = -1 give the
-  // same alpha; near u = 1 (c > 1) staying at c beats it by (c - 1)^2 / (2 tau)
+  // the ends need no margin: near u = -1 the choice does not change alpha, and near u = 1
+  // (c > 1) staying wins by far
   const bool m_doubt = fast32_near(disc, T(0), dscale) | (real & !tw_certain);
 
   const bool above = e > T(0);  // c > 1: s(c) = 1 and the middle polynomial is off by `off`
@@ -194,9 +175,8 @@ TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   const T G_l = lin_l + quad_l;
   const T S_l = m_abs(lin_l) + quad_l;
 
-  // s'(-1) = 0, so the objective falls as u leaves -1 to the right (slope -f/tau): the middle
-  // minimum, where it exists, always beats u = -1, and only staying (c >= 1) competes with the
-  // one left. A near tie with staying matters only if the alphas differ (not as c -> 1).
+  // the middle minimum, where it exists, always beats u = -1 (s'(-1) = 0), so only staying
+  // competes; a near tie with staying matters only if the alphas differ
   const bool a_ok = e >= T(0);
   const T G_o = m_inside ? G_m : G_l, S_o = m_inside ? S_m : S_l, tw_o = m_inside ? tw_m : -f;
   const bool take_a = a_ok & (T(0) <= G_o);
@@ -210,19 +190,11 @@ TOX_HD T alpha_smoothstep_fast32_general(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);
 }
 
-// arctan, b >= 0, first pass: Newton on phi(v) = v (1 + (c - tau v)^2) - b from v0 = b/(1 + c^2)
-// (the root as tau -> 0), then a bracket as the certificate: phi, evaluated with its rounding
-// bound, changes sign between v (1 -+ tol), so a root lies within tol = 7.6e-6 of v, relative.
-// It is the root wanted, the smallest (phi(0) = -b < 0):
-//  - c <= 0: phi'(v) = 1 + w (c - 3 tau v) >= 1 (w = c - tau v; both factors <= 0): one root.
-//  - c > 0 with three roots: the smallest, r1, lies left of the local maximum, so left of the
-//    inflection 2c/(3 tau), where phi is concave. phi(v) <= v (1 + c^2) - b for tau v <= 2c, so
-//    v0 <= r1, and on a concave increasing stretch each Newton tangent lies above phi: every
-//    iterate stays in [v0, r1] (the bracket's lower end, phi < 0, is then left of r1 too). With
-//    one root the bracket decides alone. (If v0 > 2c/tau, phi < 0 up to 2c/tau, beyond the
-//    inflection: one root.)
-// No cbrt/acos/cos, so it vectorises with any libm. What two Newton steps do not settle (tau b
-// beyond about 1, or near a double root) goes to the Cardano form below.
+// arctan, b >= 0, first pass: two Newton steps on phi(v) = v (1 + (c - tau v)^2) - b from
+// v0 = b/(1 + c^2), certain when phi, with its rounding bound, changes sign within 4 tol of v (the
+// iterates stay left of the smallest root, so that bracket holds the root wanted). No cbrt/acos/cos,
+// so it vectorises with any libm; what it does not settle goes to the Cardano form below.
+// Derivation: docs/derivations.md#arctan-float32-first-pass
 template <typename T>
 TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   const T eps = m_eps<T>();
@@ -238,8 +210,7 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   }
   const T lo = v * (T(1) - tol), hi = v * (T(1) + tol);
   const T wl = c - tau * lo, wh = c - tau * hi;
-  // phi's rounding at either end, with |w| <= A = |c| + tau v: (4 A^2 + 6 (1 + w^2)) v + b float32
-  // eps at most
+  // phi's rounding at either end, with |w| <= A = |c| + tau v
   const T A = m_abs(c) + tau * hi;
   const T err = eps * (hi * (T(10) * A * A + T(6)) + bb);
   const bool bracketed = (arctan_phi(lo, wl, bb) < -err) & (arctan_phi(hi, wh, bb) > err);
@@ -248,14 +219,11 @@ TOX_HD T alpha_arctan_fast32(T q, T b, const Fast32Row<T> r) {
   return certain ? a : T(NAN);  // (b = 0: v = 0 exactly)
 }
 
-// arctan, b >= 0, what the first pass leaves: the cubic of alpha_arctan in float32 (Cardano or the trigonometric form, both
-// computed and selected, so that with libmvec's 8-lane cbrtf/acosf/cosf the loop vectorises),
-// one contraction step, a Newton and a chord step on phi(v) = v (1 + (c - tau v)^2) - b. Certain when
-// (1) disc = h^2 + p^3 is farther from 0 than its rounding bound, so the number of real roots,
-// and with it which formula gives the root nearest 0, is known; (2) the iteration has converged:
-// the chord step moved v by at most tol' = 7.6e-6 relative; (3) phi's rounding (about 4 eps b)
-// moves the root by at most tol' v, i.e. phi' is not small (not near a double root).
-// |alpha| = v/d <= |b|/d, so the error stays below about 1.5e-5 |b|.
+// arctan, b >= 0, what the first pass leaves: alpha_arctan's cubic in float32 (both forms computed
+// and selected, so that the loop vectorises with libmvec's cbrtf/acosf/cosf), one contraction, a
+// Newton and a chord step; certain when the number of real roots, the convergence and phi's
+// conditioning are each clear of rounding.
+// Derivation: docs/derivations.md#arctan-float32-cardano
 template <typename T>
 TOX_HD T alpha_arctan_fast32_cardano(T q, T b, const Fast32Row<T> r) {
   const T eps = m_eps<T>();
@@ -278,8 +246,8 @@ TOX_HD T alpha_arctan_fast32_cardano(T q, T b, const Fast32Row<T> r) {
   const T x = (one_root ? t_one : t_three) + c * T(2.0 / 3.0);
   T w = c - x;
   T v = bb / (T(1) + w * w);
-  // Newton, then a chord step with the same slope (one division fewer; it converges as fast
-  // this close to the root, and its own step size is the convergence test)
+  // Newton, then a chord step with the same slope: one division fewer, as fast this close to the
+  // root, and its own size is the convergence test
   w = c - tau * v;
   const T fp = T(1) + w * (c - T(3) * tau * v);
   const T inv_fp = T(1) / fp;
@@ -298,7 +266,7 @@ TOX_HD T alpha_arctan_fast32_cardano(T q, T b, const Fast32Row<T> r) {
 // The first pass (every float32 element): hardtanh's closed form, or smoothstep's and arctan's
 // common cases. What it leaves goes to the second pass where the kind has one, then to the double
 // solver. arctan's second pass (Cardano) pays only where cbrtf/acosf/cosf come in vectors
-// (libmvec, see csrc/cpu/ib_alpha_isa.h); elsewhere the double solver takes what the first leaves.
+// (libmvec, see csrc/cpu/); elsewhere the double solver takes what the first leaves.
 #ifdef TOX_BRANCHLESS_CARDANO
 constexpr bool kFast32ArctanCardano = true;
 #else

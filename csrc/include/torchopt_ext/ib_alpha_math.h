@@ -1,12 +1,12 @@
 // Per-neuron implicit-backprop solvers, shared by the CPU and CUDA kernels (no torch header here).
 //
-// Notation (../shared/DESIGN.md §2). For one sample and one neuron:
+// Notation (docs/derivations.md#notation). For one sample and one neuron:
 //   q    pre-activation theta_j^T z          b    upstream gradient dL/dsigma(q)
 //   zsq  ||z||^2 including the bias's 1      eta  learning rate       mu  weight decay (ridge)
 //   d = 1 + eta*mu,  c = q/d,  s = eta*zsq,  tau = s/d.
 // The implicit step solves u* = argmin_u b*sigma(u) + (u - c)^2/(2 tau) and returns
-// alpha = (c - u*)/s. We never form that difference: every solver works with the scaled offset
-// omega, u = c + tau*omega, alpha = -omega/d, which stays exact as eta -> 0 (omega -> -b sigma'(c)).
+// alpha = (c - u*)/s. Every solver works with the scaled offset omega instead (u = c + tau*omega,
+// alpha = -omega/d), since c - u* is rounding noise as eta -> 0.
 //
 // Every function is templated on the scalar type so that the same code runs as float/double on
 // the host and the device, and as FlopCounter (flop_counter.h) to count the cost of one solve.
@@ -19,9 +19,8 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TOX_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
-// always inlined: a solver left as a call inside the CPU's `omp simd` loop stops it vectorising
-// (GCC's inliner gave up on smoothstep once the row loop was instantiated twice as often: 7x
-// slower), and arctan runs 15% faster inlined
+// always inlined: a solver left as a call inside the CPU's `omp simd` loop stops the loop
+// vectorising, and GCC's own heuristics do not reliably inline the larger solvers
 #define TOX_HD inline __attribute__((always_inline))
 #else
 #define TOX_HD inline
@@ -81,10 +80,10 @@ template <typename T>
 TOX_HD T nan_guard(T q, T b, T zsq) { return q * T(0) + b * T(0) + zsq * T(0); }
 
 // ---------------------------------------------------------------------------------------------
-// relu and identity need only three numbers per sample, the same for its whole row: d = 1 + eta mu,
-// s = eta zsq and d s. The CPU and CUDA loops compute them in double and round them once to the
-// input precision where all three fit (linear_row_fits); in float32 eta alone may be inf
-// (lr >= 3.4e38), and d = 1 + inf*0 would be NaN.
+// relu and identity need three numbers per sample, the same for its whole row: d, s and d s. The
+// CPU and CUDA loops form them in double and round them once to the input precision where all three
+// fit (linear_row_fits), since in float32 eta alone may be inf and d = 1 + inf*0 NaN.
+// Derivation: docs/derivations.md#relu-and-identity
 template <typename T>
 struct LinearRow {
   T d, s, ds;
@@ -98,9 +97,7 @@ TOX_HD LinearRow<T> linear_row(T eta, T mu, T zsq) {
 }
 
 // Whether relu's and identity's arithmetic in T on the rounded row stays within a few roundings of
-// the double row's: d, s and d s normal numbers of T (a double row always; false for NaN). Then
-// b/d and q/(d s) only under- or overflow where their exact values do, and q <= s b decides right
-// where s b overflows (|q| < inf = |s b|).
+// the double row's: d, s and d s normal numbers of T (a double row always; false for NaN).
 template <typename T>
 TOX_HD bool linear_row_fits(const LinearRow<double>& r) {
   if (sizeof(T) >= sizeof(double)) return true;
@@ -113,10 +110,10 @@ TOX_HD LinearRow<T> linear_row_as(const LinearRow<double>& r) {
   return {T(r.d), T(r.s), T(r.ds)};
 }
 
-// relu: closed form (paper Table 1, rederived from the prox form; T = s*b).
+// relu: the closed form of the paper's Table 1 (T = s*b), branch-free so that the CPU loop vectorises.
 //   b > 0: alpha = 0 if q <= 0;  c/s if 0 < q <= T;  b/d if q > T.
 //   b < 0: alpha = 0 if q <= T/2 (ties go to the smaller |alpha|);  b/d if q > T/2.
-// Branch-free so that the CPU loop vectorises.
+// Derivation: docs/derivations.md#relu-and-identity
 template <typename T>
 TOX_HD T alpha_relu_row(T q, T b, T zsq, const LinearRow<T>& r) {
   const T sb = r.s * b;
@@ -134,6 +131,7 @@ TOX_HD T alpha_relu(T q, T b, T zsq, T eta, T mu) {
 }
 
 // identity: sigma(u) = u is linear, the implicit step equals the explicit one up to the decay.
+// Derivation: docs/derivations.md#relu-and-identity
 template <typename T>
 TOX_HD T alpha_identity_row(T q, T b, T zsq, const LinearRow<T>& r) {
   return b / r.d + nan_guard(q, b, zsq);
@@ -153,15 +151,8 @@ TOX_HD T alpha_linear(T q, T b, T zsq, const LinearRow<T>& r) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// arctan: v = d*alpha solves v*(1 + (c - tau v)^2) = b, and we want the root nearest 0 (the paper's
-// rule). arctan is odd, so for b < 0 we solve (-b, -c) and flip. For b > 0 no root is <= 0.
-// In x = tau*v the cubic is monic, x^3 - 2c x^2 + (1+c^2) x - b tau = 0: Cardano (one real root)
-// or the trigonometric form (three real roots; the smallest is the k = 2 branch). x is then exact
-// only to eps*|c| in absolute terms, which is all noise when tau -> 0; one step of the contraction
-// v = b/(1 + (c - x)^2) turns that absolute error into a relative one (|d log v/dx| <= 1), and one
-// guarded Newton step on f(v) = v(1 + (c - tau v)^2) - b polishes the last bits.
-// The depressed cubic t^3 + 3 p3 t + 2 h = 0 (disc = h^2 + p3^3): its one real root when disc >= 0
-// (Cardano), or its smallest root when there are three (disc < 0, so p3 < 0; trigonometric form).
+// arctan's depressed cubic t^3 + 3 p3 t + 2 h = 0 (disc = h^2 + p3^3): its one real root when
+// disc >= 0 (Cardano), or its smallest root when there are three (disc < 0, so p3 < 0; trigonometric).
 template <typename T>
 TOX_HD T cardano_one_root(T h, T disc, T p3) {
   const T a = -m_copysign(m_cbrt(m_abs(h) + m_sqrt(disc)), h);
@@ -177,6 +168,10 @@ TOX_HD T cardano_three_roots(T h, T p3) {
   return T(2) * rt * m_cos((m_acos(arg) + kTwoPi) * T(1.0 / 3.0));
 }
 
+// arctan: v = d*alpha solves v*(1 + (c - tau v)^2) = b, and we want the root nearest 0 (the paper's
+// rule): the monic cubic in x = tau*v by Cardano or the trigonometric form, then one contraction
+// step and one guarded Newton step, because x alone is exact only to eps*|c|, noise as tau -> 0.
+// Derivation: docs/derivations.md#arctan
 template <typename T>
 TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   const T d = T(1) + eta * mu;
@@ -190,16 +185,12 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
   const T p3 = T(1.0 / 3.0) - c2 * T(1.0 / 9.0);                    // p/3
   const T h = c * (c2 * T(1.0 / 27.0) + T(1.0 / 3.0)) - T(0.5) * bb * tau;  // r/2
   const T disc = h * h + p3 * p3 * p3;
-  // c <= 0 has one real root (phi'(v) = 1 + w (c - 3 tau v) >= 1, both factors <= 0), so disc >= 0;
-  // but h^2 and -p3^3 both grow as c^6/729 and cancel to about c^4/27, and beyond |c| ~ 1e8 the
-  // computed disc is rounding noise of either sign, on which the trigonometric form takes a wrong root
+  // c <= 0 has one real root, and beyond |c| ~ 1e8 the computed disc is rounding noise of either sign
   const bool one_root = (disc >= T(0)) | (c <= T(0));
   T t;
 #ifdef TOX_BRANCHLESS_CARDANO
-  // Both forms for every element, then a select: with vector cbrt/acos/cos (glibc's libmvec, see
-  // csrc/cpu/ib_alpha_cpu_avx2.cpp) the loop vectorises, and computing the unused form costs less
-  // than a scalar loop. The unused form gets harmless arguments (libmvec takes a slow scalar path
-  // for NaN or |arg| > 1): disc 0 for Cardano, and h = 0, p3 = -1 (arg 0) for the trig form.
+  // Both forms for every element, then a select, so that the loop vectorises with vector
+  // cbrt/acos/cos (glibc's libmvec); the unused form gets arguments on libmvec's fast path.
   const T t_one = cardano_one_root(h, disc >= T(0) ? disc : T(0), p3);
   const T t_three = cardano_three_roots(one_root ? T(0) : h, one_root ? T(-1) : p3);
   t = one_root ? t_one : t_three;
@@ -223,14 +214,8 @@ TOX_HD T alpha_arctan(T q, T b, T zsq, T eta, T mu) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Piecewise cubic sigma(u) = p_m(u) = a0 + a1 u + a2 u^2 + a3 u^3 on [k_{m-1}, k_m], M pieces with
-// M-1 sorted interior knots (the outer pieces are unbounded and must be linear). On each piece the
-// stationary points in omega solve  A w^2 + B w + C = 0  with
-//   A = 3 b a3 tau^2,  B = 1 + 2 b tau (a2 + 3 a3 c),  C = b p_m'(c).
-// Candidates: those roots inside the piece and the piece's finite ends. We compare
-//   G(w) = b (p_m(c + tau w) - p_k(c)) + tau w^2 / 2    (k = the piece holding c)
-// with p_m(c + tau w) - p_m(c) expanded in powers of tau*w (no cancellation), keep the global
-// minimum, and break ties (within rounding) towards the smaller |w|, i.e. the smaller |alpha|.
+// Piecewise cubics: the candidate search (Best, consider, offer), the piece tables, the solver.
+// The best candidate so far: its score g, the scale of g's rounding, and its w.
 template <typename T>
 struct Best {
   T g, scale, w;
@@ -247,8 +232,8 @@ TOX_HD void consider(Best<T>& best, bool valid, T w, T g, T scale) {
   best.w = better ? w : best.w;
 }
 
-// Evaluates candidate w on piece (a0..a3, derivatives at c given) and offers it. Written without
-// branches (a mask instead) so that the CPU loop vectorises.
+// Scores candidate w on a piece by G(w) - b sigma(c), expanded in powers of tau*w so that nothing
+// cancels, and offers it; a mask instead of a branch, so that the CPU loop vectorises.
 template <typename T>
 TOX_HD void offer(Best<T>& best, bool valid, T w, T b, T tau, T p1, T h2, T a3, T off) {
   const T tw = tau * w;
@@ -297,6 +282,12 @@ TOX_HD T poly_at(const Pieces& P, int64_t m, T u) {
   return P.a(m, 0) + u * (P.a(m, 1) + u * (P.a(m, 2) + u * P.a(m, 3)));
 }
 
+// Piecewise cubic sigma(u) = p_m(u) = a0 + a1 u + a2 u^2 + a3 u^3 on [k_{m-1}, k_m], M pieces with
+// M-1 sorted interior knots (the outer pieces are unbounded and must be linear). Candidates: on each
+// piece the roots inside it of A w^2 + B w + C = 0 (A = 3 b a3 tau^2, B = 1 + 2 b tau (a2 + 3 a3 c),
+// C = b p_m'(c)) and its finite ends; the global minimum wins, ties within rounding going to the
+// smaller |alpha|.
+// Derivation: docs/derivations.md#piecewise-cubics
 template <typename T, typename Pieces>
 TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
   const T inf = T(HUGE_VAL);
@@ -304,7 +295,6 @@ TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
   const T c = q / d;
   const T tau = eta * zsq / d;
   const int64_t M = P.size();
-  // value of sigma at c, on the piece that holds c
   // sigma(c) on the piece that holds c, found without branches
   T sig_c = poly_at<T>(P, 0, c);
   TOX_UNROLL
@@ -322,8 +312,8 @@ TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
     const T A = T(3) * b * a3 * tau * tau;
     const T B = T(1) + T(2) * b * tau * h2;
     const T C = b * p1;
-    // the two roots, cancellation-free; a root that does not exist comes out non-finite.
-    // disc/B^2 is computed without squaring B, which overflows for huge tau.
+    // the two roots, cancellation-free (one that does not exist comes out non-finite), and disc/B^2
+    // without squaring B, which overflows for huge tau
     const T lin = -C / B;
     const T bs = m_abs(B) > T(1) ? B : T(1);
     const T disc = (B / bs) * (B / bs) - T(4) * (A / bs) * (C / bs);
@@ -342,9 +332,8 @@ TOX_HD T alpha_piecewise(T q, T b, T zsq, T eta, T mu, const Pieces& P) {
   return -best.w / d + nan_guard(q, b, zsq);
 }
 
-// The two flat pieces of hardtanh/smoothstep (sigma = 1 above u = 1, -1 below u = -1): what
-// offer() computes with p1 = h2 = a3 = 0, the zero terms folded by hand (the compiler may not,
-// since 0*x is not 0 for x = inf).
+// The two flat pieces of hardtanh/smoothstep: offer() with p1 = h2 = a3 = 0, the zero terms folded
+// by hand because the compiler may not (0*x is not 0 for x = inf).
 template <typename T>
 TOX_HD void flat_offers(Best<T>& best, T wr, T wl, T bb, T tau, T sig_c) {
   const T half_tau = T(0.5) * tau;
@@ -354,13 +343,11 @@ TOX_HD void flat_offers(Best<T>& best, T wr, T wl, T bb, T tau, T sig_c) {
   consider(best, true, wl, off_l + quad_l, m_abs(off_l) + quad_l);
 }
 
-// hardtanh and smoothstep: odd, flat at -1 below u = -1 and at 1 above u = 1, and
-// sigma(u) = a1 u + a3 u^3 between. A short special case of alpha_piecewise: for b >= 0 (flip
-// (b, c) otherwise) the candidates are the two flat pieces' minimisers u = max(c, 1) and
-// u = min(c, -1) (which also cover the middle piece's ends) and the middle piece's stationary
-// points. Branch-free, so the CPU loop vectorises. d and tau are the same for a whole row, so we
-// divide by them once (1/d, 1/tau, hoisted out of the loop) and multiply per element: a vector
-// division costs as much as a dozen multiplies.
+// hardtanh and smoothstep (odd, flat at -1 below u = -1 and at 1 above u = 1, a1 u + a3 u^3 between):
+// alpha_piecewise's candidates for that shape after the flip to b >= 0, branch-free so that the CPU
+// loop vectorises, with 1/d and 1/tau formed once per row since a vector division costs a dozen
+// multiplies.
+// Derivation: docs/derivations.md#hardtanh-and-smoothstep
 template <typename T>
 TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   const T inf = T(HUGE_VAL);
@@ -390,8 +377,7 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   const T disc = (B * inv_bs) * (B * inv_bs) - T(4) * (A * inv_bs) * (C * inv_bs);
   const T sq = m_sqrt(disc >= T(0) ? disc : T(0)) * bs;
   const T Q = T(-0.5) * (B + m_copysign(sq, B));
-  // r2 = C/Q is the root that stays finite as A -> 0 (it tends to -C/B, the linear root); r1 = Q/A
-  // is then +-inf and fails the finiteness test, so no branch on A is needed
+  // r2 stays finite as A -> 0 and r1 then fails the finiteness test, so no branch on A is needed
   const T r1 = Q / A;
   const T r2 = C / Q;
   const bool real = disc >= T(0);
@@ -401,10 +387,9 @@ TOX_HD T alpha_odd3(T q, T b, T zsq, T eta, T mu, T a1, T a3) {
   return -sg * best.w * inv_d + nan_guard(q, b, zsq);
 }
 
-// hardtanh: alpha_odd3 with a1 = 1, a3 = 0, where the middle piece is linear and its one
-// candidate is w = -|b| (u = c - tau*|b|, if that lies in [-1, 1]). Same candidates, costs,
-// tolerances and tie rule as offer() would give, with the zero terms folded by hand; no square
-// root, no per-element division.
+// hardtanh: alpha_odd3 with a1 = 1, a3 = 0, whose linear middle piece has the one candidate
+// w = -|b|; the zero terms folded by hand, so that it needs no square root and no per-element division.
+// Derivation: docs/derivations.md#hardtanh-and-smoothstep
 template <typename T>
 TOX_HD T alpha_hardtanh(T q, T b, T zsq, T eta, T mu) {
   const T inf = T(HUGE_VAL);

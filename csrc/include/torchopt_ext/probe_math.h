@@ -1,4 +1,5 @@
-// Five-probe learning-rate update (DESIGN.md section 3), shared by the CPU and CUDA kernels.
+// Five-probe learning-rate updates, shared by the CPU and CUDA kernels.
+// Derivation: docs/derivations.md#five-probe-learning-rate
 #pragma once
 #include <cmath>
 
@@ -15,6 +16,7 @@ namespace math {
 // (paper eq. 20-21); beta = 0 gives the plain Newton step (eq. 16/18) and v stays 0.
 // The result is clamped to >= delta (eq. 19). A non-finite probe loss or update would poison eta
 // for good, so then eta is halved instead (still clamped to delta) and the momentum is reset.
+// Derivation: docs/derivations.md#newton-rule
 TORCHOPT_HD inline void newton_lr_update(const double* f, double eta, double v, double eps, double delta,
                                          double beta, double* eta_out, double* v_out) {
   const double num = f[3] - f[1];
@@ -30,14 +32,12 @@ TORCHOPT_HD inline void newton_lr_update(const double* f, double eta, double v, 
   *v_out = ok ? v_new : 0.0;
 }
 
-// The guarded rule (docs/ADAPTIVE_LR.md, "The guarded rule"). From the five probes, the slope
-// s = f'(eta) and curvature c = f''(eta) of the loss along the step direction. With c > 0 the line's
-// quadratic model has its minimum at e* = eta - s/c, and the target is fraction * e*: the middle of
-// the interval (0, 2e*) on which the model decreases, so an e* off by up to 2x still descends; a
-// minimum behind 0 asks for the largest cut. A line without a minimum (c <= 0) gives no target: eta
-// holds while the line falls (s <= 0) and is divided by growth otherwise, as for a non-finite probe.
-// The result lies in [eta/shrink, eta*growth] (growing is what destabilises training, so it is the
-// slow direction) and is >= delta.
+// The guarded rule (docs/ADAPTIVE_LR.md, "The guarded rule"). From the probes' slope s = f'(eta) and
+// curvature c = f''(eta) along the step direction, eta moves to fraction * e*, e* = eta - s/c the
+// minimum of the line's quadratic model (the largest cut when e* <= 0); without a minimum (c <= 0) eta
+// holds while the line falls and shrinks otherwise, as for a non-finite probe. The result lies in
+// [eta/shrink, eta*growth], lopsided because growing is what destabilises training, and is >= delta.
+// Derivation: docs/derivations.md#guarded-rule
 TORCHOPT_HD inline double guarded_lr_update(const double* f, double eta, double eps, double delta, double growth,
                                             double fraction, double shrink) {
   bool finite = true;

@@ -9,7 +9,7 @@ the counted floating-point operations of one alpha solve (c_sigma in the paper's
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 

@@ -528,7 +528,7 @@ def _convert_traced(root, graphs, linears, wrappers, fit_types, identity, report
     optional = "".join(f" or with {k}=None" for k in _none_defaults(root))
     analysed = [_analyse(root, g, linears, wrappers, fit_types) for g in graphs]
     found: Dict[int, _Found] = {}
-    for path, lin in linears:
+    for _path, lin in linears:
         per = [a[0][id(lin)] for a in analysed]
         if id(lin) in static:
             found[id(lin)] = _Found(None, "", static[id(lin)], False)

@@ -634,8 +634,8 @@ def _convert_sequentials(root, linears, wrappers, fit_types, identity, report) -
     return reasons
 
 
-def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, Iterable] = False,
-             identity: bool = False):
+def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, type, Iterable[Union[str, type]]] = False,
+             identity: bool = False) -> Tuple[nn.Module, ConversionReport]:
     """Convert ``model``'s Linear+activation pairs to implicit backprop, keeping the weights.
 
     The forward is traced with torch.fx. A Linear converts when it is called once, its weights

@@ -53,7 +53,7 @@ def test_outer_iteration_vs_naive_unroll(benchmark):
     assert rel(ours.points, ref.points) < 1e-5 and rel(ours.lrs, ref.lrs) < 1e-5
     assert abs(ours.loss - ref.loss) <= 1e-10 * abs(ref.loss)
     if ratio < 5:
-        warnings.warn(f"speed-up {ratio:.1f}x is below the 5x target (machine busy?)")
+        warnings.warn(f"speed-up {ratio:.1f}x is below the 5x target (machine busy?)", stacklevel=2)
 
 
 def test_checkpoint_memory_n200(benchmark):

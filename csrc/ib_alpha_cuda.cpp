@@ -11,9 +11,8 @@
 namespace torchopt_ext {
 namespace {
 
-at::Tensor ib_alpha_cuda(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm,
-                         double lr, double weight_decay, int64_t kind, const at::Tensor& knots,
-                         const at::Tensor& coefficients) {
+at::Tensor ib_alpha_cuda(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm, double lr,
+                         double weight_decay, int64_t kind, const at::Tensor& knots, const at::Tensor& coefficients) {
   check_ib_alpha_args(pre, grad_out, z_sqnorm, lr, weight_decay, kind, knots, coefficients);
   TORCH_CHECK(pre.is_cuda(), "ib_alpha: the CUDA kernel got a tensor on ", pre.device());
   const c10::cuda::CUDAGuard guard(pre.device());
@@ -28,10 +27,10 @@ at::Tensor ib_alpha_cuda(const at::Tensor& pre, const at::Tensor& grad_out, cons
   auto k = knots.contiguous();
   auto co = coefficients.contiguous();
   const bool pw = kind == 5;
-  const int err = cuda::ib_alpha_launch(kind, work == at::kDouble ? 1 : 0, p.data_ptr(), g.data_ptr(),
-                                        z.data_ptr(), out.data_ptr(), rows, m, lr, weight_decay,
-                                        pw ? k.data_ptr<double>() : nullptr, pw ? co.data_ptr<double>() : nullptr,
-                                        pw ? co.size(0) : 0, at::cuda::getCurrentCUDAStream().stream());
+  const int err = cuda::ib_alpha_launch(kind, work == at::kDouble ? 1 : 0, p.data_ptr(), g.data_ptr(), z.data_ptr(),
+                                        out.data_ptr(), rows, m, lr, weight_decay, pw ? k.data_ptr<double>() : nullptr,
+                                        pw ? co.data_ptr<double>() : nullptr, pw ? co.size(0) : 0,
+                                        at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "ib_alpha: CUDA launch failed with error ", err);
   return work == dtype ? out : out.to(dtype);
 }

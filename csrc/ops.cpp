@@ -14,7 +14,7 @@ bool set_fast32(bool on);
 int64_t fast32_redone(bool reset);
 int64_t fast32_second(bool reset);
 std::vector<std::string> fast32_activations();
-}
+}  // namespace cpu
 void set_hyper_resolver(py::object resolver);
 at::Tensor implicit_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            int64_t kind, int64_t layer_id);
@@ -70,8 +70,8 @@ int64_t ib_alpha_flops_float32(int64_t kind) {
 // ib_alpha's Autograd kernel: the op below autograd, so that its output does not require grad.
 // alpha is not differentiable (a solver output used inside the layers' custom backward); with no
 // Autograd kernel the output would claim to require grad and backward would leave every .grad None.
-at::Tensor ib_alpha_autograd(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm,
-                             double lr, double weight_decay, int64_t kind, const at::Tensor& knots,
+at::Tensor ib_alpha_autograd(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm, double lr,
+                             double weight_decay, int64_t kind, const at::Tensor& knots,
                              const at::Tensor& coefficients) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torchopt_ext::ib_alpha", "")
@@ -117,7 +117,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the second (their general forms)");
   m.def("cpu_fast_float32_activations", &torchopt_ext::cpu::fast32_activations,
         "the activations whose float32 input takes a fast path on this CPU now");
-  m.def("implicit_linear", &torchopt_ext::implicit_linear, "sigma(x W^T + b) with a C++ autograd node whose "
+  m.def("implicit_linear", &torchopt_ext::implicit_linear,
+        "sigma(x W^T + b) with a C++ autograd node whose "
         "backward is implicit_linear_backward, eta/mu/maximize from the registered resolver");
   m.def("set_hyper_resolver", &torchopt_ext::set_hyper_resolver,
         "callable(layer_id) -> (eta, mu, maximize), called by implicit_linear's backward");

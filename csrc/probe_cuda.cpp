@@ -17,8 +17,8 @@ void probe_move_cuda(at::TensorList params, at::TensorList saved, at::TensorList
   check_probe_move_args(params, saved, direction, step);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  TORCH_CHECK(step.device() == params[0].device(), "probe_move_: step must be on params' device ",
-              params[0].device(), ", got ", step.device());
+  TORCH_CHECK(step.device() == params[0].device(), "probe_move_: step must be on params' device ", params[0].device(),
+              ", got ", step.device());
   auto h = step.to(at::kDouble).reshape({});
   // group the fast tensors by dtype; anything else takes the ATen formula
   for (int dtype = 0; dtype < 2; ++dtype) {
@@ -74,8 +74,9 @@ at::Tensor guarded_lr_cuda(const at::Tensor& losses, const at::Tensor& eta, doub
   auto f = losses.to(at::kDouble).contiguous();
   auto e = eta.to(at::kDouble).contiguous();
   auto eta_out = at::empty({}, losses.options().dtype(at::kDouble));
-  const int err = cuda::guarded_lr_launch(f.data_ptr<double>(), e.data_ptr<double>(), eps, delta, growth, fraction,
-                                          shrink, eta_out.data_ptr<double>(), at::cuda::getCurrentCUDAStream().stream());
+  const int err =
+      cuda::guarded_lr_launch(f.data_ptr<double>(), e.data_ptr<double>(), eps, delta, growth, fraction, shrink,
+                              eta_out.data_ptr<double>(), at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "guarded_lr: CUDA launch failed with error ", err);
   return eta_out;
 }

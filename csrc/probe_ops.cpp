@@ -12,5 +12,7 @@ TORCH_LIBRARY_FRAGMENT(torchopt_ext, m) {
       "newton_lr(Tensor losses, Tensor eta, Tensor velocity, float eps, float delta, float beta) -> "
       "(Tensor, Tensor)");
   // the next eta, 0-dim float64 on losses' device, by the guarded rule of probe_math.h
-  m.def("guarded_lr(Tensor losses, Tensor eta, float eps, float delta, float growth, float fraction, float shrink) -> Tensor");
+  m.def(
+      "guarded_lr(Tensor losses, Tensor eta, float eps, float delta, float growth, float fraction, float shrink) -> "
+      "Tensor");
 }

@@ -4,7 +4,6 @@ They share nothing with the package's solvers: a dense grid plus bounded scalar 
 the global minimum (piecewise cubics), sign changes plus bisection for the stationary points
 (arctan).
 """
-import math
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar

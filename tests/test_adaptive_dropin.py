@@ -1,7 +1,6 @@
 """AdaptiveLRSGD as a drop-in for torch.optim.SGD: the guarded rule on a quadratic, buffers restored
 without ``model=``, torch.optim closures, deepcopy and pickle, autocast, and what bad closures get."""
 import copy
-import io
 import pickle
 import warnings
 
@@ -67,7 +66,7 @@ def test_guarded_rule_keeps_a_relu_mlp_alive_where_the_paper_rule_kills_it():
         torch.manual_seed(1)
         net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
         opt = AdaptiveLRSGD(net.parameters(), lr=0.1, method=method)
-        for epoch in range(3):
+        for _ in range(3):
             for i in range(0, 640, 64):
                 xb, yb = x[i:i + 64], y[i:i + 64]
                 opt.zero_grad()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import cuda
 from torchopt_ext.optim import AdaptiveLRSGD
 
 
@@ -96,7 +95,7 @@ def test_tensor_eta_overwritten_by_user_warns():
         opt.step(lambda: torch.zeros((), dtype=torch.float64))
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_step_never_waits_for_the_device():
     net, opt = _run(1, device="cuda")  # lr_on_device=None: on for CUDA; the first step allocates
     assert opt.param_groups[0]["lr"].is_cuda
@@ -119,7 +118,7 @@ def test_cuda_step_never_waits_for_the_device():
     assert torch.isfinite(opt2.param_groups[0]["lr"]).item()
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_run_equals_cpu_run():
     net_c, opt_c = _run(5, momentum=0.9)  # float eta on the CPU
     net_g, opt_g = _run(5, device="cuda", momentum=0.9)  # eta on the device

@@ -1,6 +1,6 @@
 """torch.compile of implicit layers: a whole training step against eager, the forward under
-fullgraph, opcheck on the backward ops. Compiling costs seconds on the CPU, so each model is
-compiled once (module fixture) and the tests read its trajectory."""
+fullgraph (opcheck on the backward ops: test_op_samples.py). Compiling costs seconds on the CPU,
+so each model is compiled once (module fixture) and the tests read its trajectory."""
 import pytest
 import torch
 from torch import nn
@@ -132,52 +132,3 @@ def test_forward_compiles_fullgraph_and_backward_matches():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
-def _linear_inputs(dtype=torch.float64, bias=True, batch=(7,)):
-    torch.manual_seed(0)
-    x = torch.randn(*batch, 5, dtype=dtype) * 2
-    w = torch.randn(4, 5, dtype=dtype)
-    b = torch.randn(4, dtype=dtype) if bias else None
-    q = torch.nn.functional.linear(x, w, b)
-    return x, w, b, q, torch.randn_like(q)
-
-
-# (kind, dtype, bias, batch shape, eta, mu, maximize, need_x/w/b): every kind once, with bias or
-# none, a 3-D input, decay, maximize, eta = 0 (the explicit limit) and unneeded gradients
-OPCHECK_CASES = [
-    (0, torch.float64, True, (7,), 0.3, 0.01, False, (True, True, True)),
-    (1, torch.float32, False, (2, 3), 1.5, 0.0, True, (True, True, True)),
-    (1, torch.float64, True, (6,), 0.0, 0.1, False, (False, True, True)),
-    (2, torch.float32, True, (6,), 0.4, 0.05, False, (True, False, True)),
-    (3, torch.float64, True, (2, 3), 0.8, 0.0, True, (True, True, False)),
-    (4, torch.float32, True, (6,), 0.4, 0.1, False, (True, True, True)),
-]
-
-
-@pytest.mark.parametrize("kind, dtype, bias, batch, eta, mu, maximize, needs", OPCHECK_CASES,
-                         ids=["relu", "arctan-nobias-max", "arctan-eta0", "hardtanh", "smoothstep-max", "identity"])
-def test_opcheck_implicit_linear_backward(kind, dtype, bias, batch, eta, mu, maximize, needs):
-    x, w, b, q, g = _linear_inputs(dtype, bias, batch)
-    torch.library.opcheck(torch.ops.torchopt_ext.implicit_linear_backward.default,
-                          (x, w, b, q, g, eta, mu, maximize, kind, *needs))
-
-
-@pytest.mark.parametrize("act", ["relu", "arctan", "identity"])
-def test_opcheck_layer_backward(act):
-    layer = ImplicitLinear(5, 4, act).double()
-    opt = ImplicitSGD(layer.parameters(), lr=0.5, weight_decay=0.02)  # noqa: F841
-    x, _, _, _, _ = _linear_inputs()
-    w, b = layer.weight.detach(), layer.bias.detach()
-    q = torch.nn.functional.linear(x, w, b)
-    g = torch.randn_like(q)
-    op = torch.ops.torchopt_ext.implicit_linear_layer_backward.default
-    for needs in ((True, True, True), (False, True, False), (True, False, False)):
-        torch.library.opcheck(op, (x, w, b, q, g, layer.activation.kind, layer._ib_id, *needs))
-    torch.library.opcheck(op, (x, w, None, q, g.t().contiguous().t(), layer.activation.kind, layer._ib_id,
-                               True, True, False))
-    # the op reads eta from the optimizer when it runs: equal to the eager layer's gradients
-    gx, gw, gb = op(x, w, b, q, g, layer.activation.kind, layer._ib_id, True, True, True)
-    xr = x.clone().requires_grad_()
-    layer(xr).backward(g)
-    torch.testing.assert_close(gx, xr.grad)
-    torch.testing.assert_close(gw, layer.weight.grad)
-    torch.testing.assert_close(gb, layer.bias.grad)

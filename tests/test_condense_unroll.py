@@ -127,8 +127,10 @@ def test_naive_equals_central_finite_differences():
     for which in base:
         for _ in range(3):
             idx = tuple(int(torch.randint(0, d, (1,), generator=g)) for d in base[which].shape)
-            plus = dict(base); plus[which] = base[which].clone(); plus[which][idx] += eps
-            minus = dict(base); minus[which] = base[which].clone(); minus[which][idx] -= eps
+            plus, minus = dict(base), dict(base)
+            plus[which], minus[which] = base[which].clone(), base[which].clone()
+            plus[which][idx] += eps
+            minus[which][idx] -= eps
             fd = (_outer_value(net, params0, plus["x"], plus["y"], plus["lrs"], outer)
                   - _outer_value(net, params0, minus["x"], minus["y"], minus["lrs"], outer)) / (2 * eps)
             assert float(grads[which][idx]) == pytest.approx(fd, rel=1e-6, abs=1e-9), (which, idx)

@@ -2,7 +2,6 @@
 for one restart and for a batch of two."""
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from torchopt_ext.distill import DistillConfig, distill

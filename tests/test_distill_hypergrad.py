@@ -55,8 +55,8 @@ def test_unrolled_equals_finite_differences():
         for _ in range(3):
             base = {"x": x, "p": p, "lrs": lrs}
             u = torch.randn(base[which].shape, generator=g, dtype=DT)
-            plus = dict(base); plus[which] = base[which] + eps * u
-            minus = dict(base); minus[which] = base[which] - eps * u
+            plus, minus = dict(base), dict(base)
+            plus[which], minus[which] = base[which] + eps * u, base[which] - eps * u
             fd = (outer_loss(params0, plus["x"], plus["p"], plus["lrs"], x_real, p_real)
                   - outer_loss(params0, minus["x"], minus["p"], minus["lrs"], x_real, p_real)) / (2 * eps)
             assert float((grad * u).sum()) == pytest.approx(fd, rel=1e-6, abs=1e-9), which

@@ -1,4 +1,5 @@
 """The outer loop end to end: it learns, resumes exactly, survives Ctrl-C, stops on NaN; the CLI."""
+import importlib
 import os
 
 import pytest
@@ -6,13 +7,12 @@ import torch
 
 from torchopt_ext.cli import main
 from torchopt_ext.distill import DistillConfig, DistillError, distill, distill_restarts, load_distilled
-import importlib
-
-distill_mod = importlib.import_module("torchopt_ext.distill.distill")  # the module, not the function
 from torchopt_ext.distill import models
 from torchopt_ext.distill.data import load_split
 from torchopt_ext.distill.distill import DistilledSet
 from torchopt_ext.distill.evaluate import evaluate, schedule, train_on_set
+
+distill_mod = importlib.import_module("torchopt_ext.distill.distill")  # the module, not the function
 
 
 def tiny(**kw):

@@ -59,17 +59,6 @@ def test_alpha_is_a_constant_in_a_larger_graph_eager_and_compiled():
     torch.testing.assert_close(grads[1], alpha)
 
 
-@needs_ext
-@pytest.mark.parametrize("name", ["relu", "fitted_sigmoid"])
-def test_opcheck_with_inputs_that_require_grad(name):
-    """With an input that requires grad, opcheck also tests the autograd registration."""
-    act = act_of(name)
-    q, b, z = inputs(shape=(8, 5))
-    knots, coef = act.tables("cpu")
-    torch.library.opcheck(torch.ops.torchopt_ext.ib_alpha.default,
-                          (q.requires_grad_(), b, z, 0.1, 0.01, act.kind, knots, coef))
-
-
 # ---------------------------------------------------------------------------------------------
 # learning rates and weight decays beyond float32's range
 

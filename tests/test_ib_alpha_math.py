@@ -2,7 +2,6 @@
 of the 1-D implicit-SGD objective, and the limits of docs/derivations.md#notation."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -138,7 +137,6 @@ def test_relu_table_1_cases():
     """DESIGN.md §2: the closed form's five cases, at chosen points."""
     eta, mu, zsq = 0.5, 0.2, 2.0
     d, s = 1 + eta * mu, eta * zsq
-    z = torch.tensor([zsq], dtype=torch.float64)
     f = lambda q, b: one(q, b, zsq, eta, mu, "relu")
     b = 2.0
     T = s * b  # = 2

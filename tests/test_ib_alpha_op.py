@@ -1,6 +1,6 @@
-"""The compiled op held to the reference: dtypes, layouts, devices, opcheck, torch.compile and
-bad input. Tolerances: float64 near round-off (the kernel and the reference run the same
-formulas, in another order); float32 relative to |b| (the kernel computes relu/identity in
+"""The compiled op held to the reference: dtypes, layouts, devices, torch.compile of the wrapper
+and bad input (opcheck: test_op_samples.py). Tolerances: float64 near round-off (the kernel and
+the reference run the same formulas, in another order); float32 relative to |b| (the kernel computes relu/identity in
 float32, hardtanh/smoothstep/arctan in float32 with a double fallback (test_ib_alpha_fast32.py), the
 other solvers in float64; the reference always in float64)."""
 import subprocess
@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import torch
 
 import torchopt_ext
-from conftest import cuda
 from torchopt_ext import activations
 from torchopt_ext.ops import ib_alpha, ib_alpha_reference
 
@@ -121,18 +120,6 @@ def test_kernel_extremes_finite(name, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("name", ["relu", "arctan", "smoothstep", "fitted_sigmoid"])
-def test_opcheck(name):
-    act = act_of(name)
-    q, b, z = inputs(shape=(8, 5))
-    knots, coef = act.tables("cpu")
-    torch.library.opcheck(torch.ops.torchopt_ext.ib_alpha.default, (q, b, z, 0.1, 0.01, act.kind, knots, coef))
-    torch.library.opcheck(
-        torch.ops.torchopt_ext.ib_alpha.default, (q.float().t(), b.float().t(), z.new_ones(5).float(), 2.0, 0.0, act.kind, knots, coef)
-    )
-
-
-@needs_ext
 def test_torch_compile_fullgraph():
     def f(q, b, z):
         return ib_alpha(q, b, z, 0.1, 0.0, "arctan") * 2 + 1
@@ -199,7 +186,7 @@ def test_raw_op_checks_its_arguments_too():
         f"raw-op checks ended with return code {res.returncode}: {res.stderr[-2000:]}")
 
 
-@cuda
+@pytest.mark.cuda
 @needs_ext
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,4 +1,4 @@
-"""The probe kernels against their pure-PyTorch references, and torch.library.opcheck on them."""
+"""The probe kernels against their pure-PyTorch references (opcheck and torch.compile: test_op_samples.py)."""
 import math
 
 import pytest
@@ -105,21 +105,6 @@ def test_newton_lr_formula_and_safeguards():
     assert newton_lr(f, torch.tensor(float("nan"), dtype=torch.float64), v0, eps, delta, 0.0)[0].item() == delta
 
 
-@needs_ext
-def test_opcheck_probe_move():
-    params, saved, dirs = _lists(torch.float32)
-    torch.library.opcheck(
-        torch.ops.torchopt_ext.probe_move_.default, (params, saved, dirs, torch.tensor(0.3, dtype=torch.float64))
-    )
-
-
-@needs_ext
-def test_opcheck_newton_lr():
-    f = torch.tensor([1.3, 1.1, 1.0, 0.95, 0.97], dtype=torch.float64)
-    args = (f, torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64), 1e-2, 1e-6, 0.9)
-    torch.library.opcheck(torch.ops.torchopt_ext.newton_lr.default, args)
-
-
 def _line(eta, s, c, eps, f0=1.0):
     """The five probes f(eta + j*eps) of the quadratic line f0 + s*t + c*t^2/2 (t = offset from eta)."""
     return torch.tensor([f0 + s * j * eps + 0.5 * c * (j * eps) ** 2 for j in (-2, -1, 0, 1, 2)], dtype=torch.float64)
@@ -179,14 +164,7 @@ def test_guarded_lr_errors_name_the_argument():
         guarded_lr(f[:4], e, 1e-2, 1e-6)
 
 
-@needs_ext
-def test_opcheck_guarded_lr():
-    args = (_line(0.4, -1.0, 4.0, 1e-2), torch.tensor(0.4, dtype=torch.float64), 1e-2, 1e-6, 2.0, 0.5, 100.0)
-    torch.library.opcheck(torch.ops.torchopt_ext.guarded_lr.default, args)
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_equals_cpu():
     params, saved, dirs = _lists(torch.float32)
     step = torch.tensor(0.25, dtype=torch.float64)

@@ -9,7 +9,7 @@ the counted floating-point operations of one alpha solve (c_sigma in the paper's
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -25,7 +25,7 @@ class Activation:
     name: str = "activation"
     kind: int = KIND_PIECEWISE
 
-    def __init__(self, knots: Optional[torch.Tensor] = None, coefficients: Optional[torch.Tensor] = None):
+    def __init__(self, knots: Optional[torch.Tensor] = None, coefficients: Optional[torch.Tensor] = None) -> None:
         self.knots = knots
         self.coefficients = coefficients
         self._tables: Dict[torch.device, tuple] = {}
@@ -38,7 +38,7 @@ class Activation:
     def derivative(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def tables(self, device: torch.device):
+    def tables(self, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(knots, coefficients) as float64 on ``device``; empty for the kinds that need none."""
         device = torch.device(device)
         if device not in self._tables:
@@ -74,7 +74,7 @@ class Activation:
         return f"{type(self).__name__}({self.name!r})"
 
     # pickling (e.g. a model holding its activation) must not carry device tables
-    def __getstate__(self):
+    def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
         state["_tables"] = {}
         return state
@@ -91,7 +91,8 @@ class PiecewiseCubic(Activation):
 
     kind = KIND_PIECEWISE
 
-    def __init__(self, breakpoints, coefficients, name: str = "piecewise_cubic"):
+    def __init__(self, breakpoints: Union[Sequence[float], torch.Tensor],
+                 coefficients: Union[Sequence[Sequence[float]], torch.Tensor], name: str = "piecewise_cubic") -> None:
         knots = torch.as_tensor(breakpoints, dtype=torch.float64).detach().cpu().reshape(-1).clone()
         coef = torch.as_tensor(coefficients, dtype=torch.float64).detach().cpu().clone()
         if coef.dim() != 2 or coef.shape[1] != 4 or coef.shape[0] < 1:

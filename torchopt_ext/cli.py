@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distillation. Run `python -m torchopt_ext COMMAND --help` for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 

@@ -27,18 +27,17 @@ struct alignas(sizeof(T) * V) Pack {
 // cubic solvers in double, where tau^2 and the cubic's coefficients cannot overflow (H100/H200
 // have full-rate FP64).
 template <int64_t KIND, typename A, typename T, int V>
-__device__ __forceinline__ void linear_pack(const Pack<T, V>& q, const Pack<T, V>& b, A z,
-                                            const tm::LinearRow<A>& row, Pack<T, V>& a) {
+__device__ __forceinline__ void linear_pack(const Pack<T, V>& q, const Pack<T, V>& b, A z, const tm::LinearRow<A>& row,
+                                            Pack<T, V>& a) {
 #pragma unroll
   for (int k = 0; k < V; ++k)
     a.v[k] = static_cast<T>(tm::alpha_linear<KIND, A>(static_cast<A>(q.v[k]), static_cast<A>(b.v[k]), z, row));
 }
 
 template <int64_t KIND, typename T, int V, typename I>
-__global__ void ib_alpha_kernel(const T* __restrict__ pre, const T* __restrict__ grad,
-                                const T* __restrict__ zsq, T* __restrict__ out, I packs, I m_packs,
-                                double lr, double wd, const double* __restrict__ knots,
-                                const double* __restrict__ coef, int64_t M) {
+__global__ void ib_alpha_kernel(const T* __restrict__ pre, const T* __restrict__ grad, const T* __restrict__ zsq,
+                                T* __restrict__ out, I packs, I m_packs, double lr, double wd,
+                                const double* __restrict__ knots, const double* __restrict__ coef, int64_t M) {
   using P = Pack<T, V>;
   const tm::RuntimePieces<double> rp{M, knots, coef};
   const I stride = static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
@@ -56,9 +55,8 @@ __global__ void ib_alpha_kernel(const T* __restrict__ pre, const T* __restrict__
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k)
-        a.v[k] = static_cast<T>(tm::alpha_dispatch<KIND, double>(static_cast<double>(q.v[k]),
-                                                                 static_cast<double>(b.v[k]),
-                                                                 static_cast<double>(z), lr, wd, rp));
+        a.v[k] = static_cast<T>(tm::alpha_dispatch<KIND, double>(
+            static_cast<double>(q.v[k]), static_cast<double>(b.v[k]), static_cast<double>(z), lr, wd, rp));
     }
     reinterpret_cast<P*>(out)[i] = a;
   }
@@ -84,8 +82,8 @@ int launch_v(const void* pre, const void* grad, const void* zsq, void* out, int6
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <int64_t KIND, typename T>
-int launch(const void* pre, const void* grad, const void* zsq, void* out, int64_t rows, int64_t m, double lr,
-           double wd, const double* knots, const double* coef, int64_t M, cudaStream_t stream) {
+int launch(const void* pre, const void* grad, const void* zsq, void* out, int64_t rows, int64_t m, double lr, double wd,
+           const double* knots, const double* coef, int64_t M, cudaStream_t stream) {
   const int64_t n = rows * m;
   if (n == 0) return 0;
   constexpr int V = 16 / sizeof(T);
@@ -99,15 +97,13 @@ int launch(const void* pre, const void* grad, const void* zsq, void* out, int64_
 }
 
 template <typename T>
-int launch_kind(int64_t kind, const void* pre, const void* grad, const void* zsq, void* out, int64_t rows,
-                int64_t m, double lr, double wd, const double* knots, const double* coef, int64_t M,
-                cudaStream_t s) {
+int launch_kind(int64_t kind, const void* pre, const void* grad, const void* zsq, void* out, int64_t rows, int64_t m,
+                double lr, double wd, const double* knots, const double* coef, int64_t M, cudaStream_t s) {
   switch (kind) {
     case tm::kRelu: return launch<tm::kRelu, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
     case tm::kArctan: return launch<tm::kArctan, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
     case tm::kHardtanh: return launch<tm::kHardtanh, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
-    case tm::kSmoothstep:
-      return launch<tm::kSmoothstep, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
+    case tm::kSmoothstep: return launch<tm::kSmoothstep, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
     case tm::kIdentity: return launch<tm::kIdentity, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
     default: return launch<tm::kPiecewise, T>(pre, grad, zsq, out, rows, m, lr, wd, knots, coef, M, s);
   }
@@ -116,11 +112,10 @@ int launch_kind(int64_t kind, const void* pre, const void* grad, const void* zsq
 }  // namespace
 
 int ib_alpha_launch(int64_t kind, int dtype, const void* pre, const void* grad, const void* zsq, void* out,
-                    int64_t rows, int64_t m, double lr, double weight_decay, const double* knots,
-                    const double* coef, int64_t M, void* stream) {
+                    int64_t rows, int64_t m, double lr, double weight_decay, const double* knots, const double* coef,
+                    int64_t M, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  if (dtype == 0)
-    return launch_kind<float>(kind, pre, grad, zsq, out, rows, m, lr, weight_decay, knots, coef, M, s);
+  if (dtype == 0) return launch_kind<float>(kind, pre, grad, zsq, out, rows, m, lr, weight_decay, knots, coef, M, s);
   return launch_kind<double>(kind, pre, grad, zsq, out, rows, m, lr, weight_decay, knots, coef, M, s);
 }
 

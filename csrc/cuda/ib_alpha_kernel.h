@@ -10,8 +10,8 @@ namespace cuda {
 // pre/grad/out (rows, m), zsq (rows); knots (M-1) and coef (M, 4) float64 when kind == kPiecewise.
 // Returns the cudaError_t of the launch as an int (0 = success).
 int ib_alpha_launch(int64_t kind, int dtype, const void* pre, const void* grad, const void* zsq, void* out,
-                    int64_t rows, int64_t m, double lr, double weight_decay, const double* knots,
-                    const double* coef, int64_t M, void* stream);
+                    int64_t rows, int64_t m, double lr, double weight_decay, const double* knots, const double* coef,
+                    int64_t M, void* stream);
 
 }  // namespace cuda
 }  // namespace torchopt_ext

@@ -72,14 +72,14 @@ int probe_move_launch(int dtype, void* const* params, const void* const* saved, 
   return 0;
 }
 
-int newton_lr_launch(const double* losses, const double* eta, const double* v, double eps, double delta,
-                     double beta, double* eta_out, double* v_out, void* stream) {
+int newton_lr_launch(const double* losses, const double* eta, const double* v, double eps, double delta, double beta,
+                     double* eta_out, double* v_out, void* stream) {
   newton_lr_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(losses, eta, v, eps, delta, beta, eta_out, v_out);
   return static_cast<int>(cudaGetLastError());
 }
 
-int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth,
-                      double fraction, double shrink, double* eta_out, void* stream) {
+int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth, double fraction,
+                      double shrink, double* eta_out, void* stream) {
   guarded_lr_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(losses, eta, eps, delta, growth, fraction, shrink,
                                                                     eta_out);
   return static_cast<int>(cudaGetLastError());

@@ -15,12 +15,12 @@ int probe_move_launch(int dtype, void* const* params, const void* const* saved, 
                       const int64_t* numel, int count, const double* step, void* stream);
 
 // One thread: eta_out/v_out <- the five-probe update of probe_math.h from 5 float64 losses.
-int newton_lr_launch(const double* losses, const double* eta, const double* v, double eps, double delta,
-                     double beta, double* eta_out, double* v_out, void* stream);
+int newton_lr_launch(const double* losses, const double* eta, const double* v, double eps, double delta, double beta,
+                     double* eta_out, double* v_out, void* stream);
 
 // One thread: *eta_out <- the guarded update of probe_math.h from 5 float64 losses.
-int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth,
-                      double fraction, double shrink, double* eta_out, void* stream);
+int guarded_lr_launch(const double* losses, const double* eta, double eps, double delta, double growth, double fraction,
+                      double shrink, double* eta_out, void* stream);
 
 }  // namespace cuda
 }  // namespace torchopt_ext

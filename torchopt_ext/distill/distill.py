@@ -192,8 +192,10 @@ def hypergradient(config, state, thetas, x_real, p_real, rank=0, world=1):
         flat = torch.cat([loss, gx.reshape(-1), gp.reshape(-1), glr.reshape(-1)])
         dist.all_reduce(flat)
         loss, i = flat[:R], R
-        gx = flat[i:i + gx.numel()].view_as(gx); i += gx.numel()
-        gp = flat[i:i + gp.numel()].view_as(gp); i += gp.numel()
+        gx = flat[i:i + gx.numel()].view_as(gx)
+        i += gx.numel()
+        gp = flat[i:i + gp.numel()].view_as(gp)
+        i += gp.numel()
         glr = flat[i:].view_as(glr)
     return loss, gx, gp, glr
 

@@ -76,7 +76,7 @@ def train_on_set(ds, split, layers, hidden, eval_models, strategy, gen, optimize
         # the five-probe optimizer starts at the plan's first rate and then adapts its own: the
         # distilled rates after the first are not imposed on it
         opt = cls(params, lr=plan[0][1])
-        for t, (i, lr) in enumerate(plan):
+        for t, (i, _lr) in enumerate(plan):
             opt.zero_grad()
             models.loss(params, ds.points[i], ds.labels[i]).sum().backward()
 

@@ -528,7 +528,7 @@ def _convert_traced(root, graphs, linears, wrappers, fit_types, identity, report
     optional = "".join(f" or with {k}=None" for k in _none_defaults(root))
     analysed = [_analyse(root, g, linears, wrappers, fit_types) for g in graphs]
     found: Dict[int, _Found] = {}
-    for path, lin in linears:
+    for _path, lin in linears:
         per = [a[0][id(lin)] for a in analysed]
         if id(lin) in static:
             found[id(lin)] = _Found(None, "", static[id(lin)], False)
@@ -634,8 +634,8 @@ def _convert_sequentials(root, linears, wrappers, fit_types, identity, report) -
     return reasons
 
 
-def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, Iterable] = False,
-             identity: bool = False):
+def implicit(model: nn.Module, inplace: bool = False, fit: Union[bool, str, type, Iterable[Union[str, type]]] = False,
+             identity: bool = False) -> Tuple[nn.Module, ConversionReport]:
     """Convert ``model``'s Linear+activation pairs to implicit backprop, keeping the weights.
 
     The forward is traced with torch.fx. A Linear converts when it is called once, its weights

@@ -82,7 +82,7 @@ class ImplicitRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int,
                  activation: Union[str, _act.Activation] = "arctan", num_layers: int = 1,
-                 batch_first: bool = False, bias: bool = True):
+                 batch_first: bool = False, bias: bool = True) -> None:
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -9,7 +9,7 @@ Both keep everything on the tensors' device: no host synchronisation on CUDA.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple, Union
 
 import torch
 
@@ -59,13 +59,14 @@ def probe_move_(
         probe_move_reference_(params, saved, direction, step)
 
 
-def probe_mover(device: torch.device):
+def probe_mover(device: torch.device) -> Callable[..., None]:
     """What ``probe_move_`` calls on ``device``, without its argument checks: for a caller that checked
     the lists once and moves them five times a step (the checks cost more than a small move)."""
     return torch.ops.torchopt_ext.probe_move_ if _compiled_for(device) else probe_move_reference_
 
 
-def probe_move_reference_(params, saved, direction, step) -> None:
+def probe_move_reference_(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor],
+                          direction: Sequence[torch.Tensor], step: torch.Tensor) -> None:
     """``probe_move_`` in plain PyTorch: ``saved - direction * h`` in the parameter's dtype (h rounded to it)."""
     _check_lists(params, saved, direction, step)
     h = step.detach().to(torch.float64)
@@ -96,7 +97,9 @@ def _finish(eta: torch.Tensor, v_new: torch.Tensor, losses: torch.Tensor, delta:
     return nxt, torch.where(ok, v_new, torch.zeros_like(v_new))
 
 
-def newton_lr_reference(losses, eta, velocity, eps, delta, beta=0.0):
+def newton_lr_reference(losses: torch.Tensor, eta: torch.Tensor, velocity: torch.Tensor,
+                        eps: Union[float, torch.Tensor], delta: float,
+                        beta: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """``newton_lr`` in plain PyTorch ops (float64, no host sync)."""
     if losses.numel() != 5:
         raise ValueError(f"newton_lr: losses must hold the 5 probe losses, got {losses.numel()}")
@@ -107,7 +110,9 @@ def newton_lr_reference(losses, eta, velocity, eps, delta, beta=0.0):
     return _finish(eta, beta * v - inc, f, delta)
 
 
-def first_order_lr_reference(losses, eta, velocity, eps, delta, meta_lr, beta=0.0):
+def first_order_lr_reference(losses: torch.Tensor, eta: torch.Tensor, velocity: torch.Tensor,
+                             eps: Union[float, torch.Tensor], delta: float, meta_lr: float,
+                             beta: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """First-order rule (paper eq. 6-8): ``eta <- eta - meta_lr * f'(eta)`` with the central difference
     ``f'(eta) = (f(+1) - f(-1)) / (2 eps)`` (= -g_t'g_{t+1} on the probed batch), same safeguards."""
     f = losses.detach().reshape(5).to(torch.float64)
@@ -144,7 +149,8 @@ def guarded_lr(losses: torch.Tensor, eta: torch.Tensor, eps: float, delta: float
     return guarded_lr_reference(losses, eta, eps, delta, growth, fraction, shrink)
 
 
-def guarded_lr_reference(losses, eta, eps, delta, growth=2.0, fraction=0.5, shrink=100.0) -> torch.Tensor:
+def guarded_lr_reference(losses: torch.Tensor, eta: torch.Tensor, eps: Union[float, torch.Tensor], delta: float,
+                         growth: float = 2.0, fraction: float = 0.5, shrink: float = 100.0) -> torch.Tensor:
     """``guarded_lr`` in plain PyTorch ops (float64, no host sync); ``eps`` may be a 0-dim tensor."""
     _check_guarded(losses, growth, fraction, shrink)
     f = losses.detach().reshape(5).to(torch.float64)

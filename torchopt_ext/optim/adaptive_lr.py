@@ -24,12 +24,13 @@ Under torch.distributed the five probe losses are averaged across ranks, so all 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as _sgd_functional
 
 from torchopt_ext.ops.probe import (first_order_lr_reference, guarded_lr, guarded_lr_reference, newton_lr,
@@ -128,7 +129,7 @@ class AdaptiveLRSGD(Optimizer):
 
     def __init__(
         self,
-        params: Iterable,
+        params: ParamsT,
         lr: float = 0.01,
         eps: float = 1e-2,
         delta: float = 1e-6,
@@ -145,7 +146,7 @@ class AdaptiveLRSGD(Optimizer):
         relative_eps: bool = False,
         batched: bool = False,
         lr_on_device: Optional[bool] = None,
-    ):
+    ) -> None:
         lr, eps, delta = _positive("lr", lr), _positive("eps", eps), _positive("delta", delta)
         lr_momentum = _positive("lr_momentum", lr_momentum, allow_zero=True)
         if lr_momentum >= 1:
@@ -211,12 +212,12 @@ class AdaptiveLRSGD(Optimizer):
                 setattr(self, name, default)
         self._init_transient()
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if getattr(self, "param_groups", None):
             raise ValueError("AdaptiveLRSGD: one eta drives all parameters, so add_param_group is not supported")
         super().add_param_group(param_group)
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._eta_set = None  # the loaded lr is the learned eta, not an outside override
 
@@ -352,7 +353,8 @@ class AdaptiveLRSGD(Optimizer):
     # -- the step ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None, val_closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable[[], Any]] = None,
+             val_closure: Optional[Callable[[], Any]] = None) -> Union[torch.Tensor, Any]:
         probe_fn = val_closure if val_closure is not None else closure
         if probe_fn is None:
             raise RuntimeError(

@@ -13,7 +13,7 @@ no vmap: on a CPU their per-op overhead cost more than the five forwards they re
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -45,7 +45,10 @@ def _stacked_sequential(model: nn.Module, points: Dict[str, torch.Tensor], x: to
 
 
 class FunctionalProbe:
-    def __init__(self, model: nn.Module, loss_fn: Callable, inputs, target):
+    """A probe closure ``loss_fn(model(inputs), target)`` that can also evaluate K parameter sets at once."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any,
+                 target: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FunctionalProbe: model must be an nn.Module, got {type(model).__name__}")
         self.model, self.loss_fn, self.inputs, self.target = model, loss_fn, inputs, target

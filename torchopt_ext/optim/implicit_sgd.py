@@ -2,8 +2,11 @@
 step) and plain SGD for every other parameter, in one optimizer."""
 from __future__ import annotations
 
+from typing import Any, Callable, Dict, Optional, Union
+
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as _sgd
 
 from torchopt_ext.nn import hyper
@@ -24,8 +27,9 @@ class ImplicitSGD(Optimizer):
     maximize.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, maximize: bool = False):
+    def __init__(self, params: ParamsT, lr: Union[float, torch.Tensor], momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 maximize: bool = False) -> None:
         for name, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not float(v) >= 0.0:
                 raise ValueError(f"ImplicitSGD: {name} must be >= 0, got {v!r}")
@@ -35,7 +39,7 @@ class ImplicitSGD(Optimizer):
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group (as torch.optim.Optimizer does) and own its implicit parameters."""
         super().add_param_group(param_group)
         self._register(self.param_groups[-1])
@@ -45,7 +49,7 @@ class ImplicitSGD(Optimizer):
             if hyper.is_implicit(p):
                 hyper.register(p, self)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Dict[str, Any]) -> None:
         # runs on load_state_dict, unpickling and deepcopy: (re)claim the implicit parameters
         super().__setstate__(state)
         for group in self.param_groups:
@@ -54,7 +58,7 @@ class ImplicitSGD(Optimizer):
             self._register(group)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One SGD step; ``closure`` re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:

@@ -20,13 +20,16 @@ struct FlopCounter {
   }
   FlopCounter() : v(0) {}
   FlopCounter(double x) : v(x) {}  // NOLINT: implicit, like a float literal
-  FlopCounter operator-() const { ++count(); return FlopCounter(-v); }
+  FlopCounter operator-() const {
+    ++count();
+    return FlopCounter(-v);
+  }
 };
 
-#define TOX_FC_BINOP(op)                                                           \
-  inline FlopCounter operator op(FlopCounter a, FlopCounter b) {                   \
-    ++FlopCounter::count();                                                        \
-    return FlopCounter(a.v op b.v);                                                \
+#define TOX_FC_BINOP(op)                                         \
+  inline FlopCounter operator op(FlopCounter a, FlopCounter b) { \
+    ++FlopCounter::count();                                      \
+    return FlopCounter(a.v op b.v);                              \
   }
 TOX_FC_BINOP(+)
 TOX_FC_BINOP(-)
@@ -34,10 +37,10 @@ TOX_FC_BINOP(*)
 TOX_FC_BINOP(/)
 #undef TOX_FC_BINOP
 
-#define TOX_FC_CMP(op)                                                             \
-  inline bool operator op(FlopCounter a, FlopCounter b) {                          \
-    ++FlopCounter::count();                                                        \
-    return a.v op b.v;                                                             \
+#define TOX_FC_CMP(op)                                    \
+  inline bool operator op(FlopCounter a, FlopCounter b) { \
+    ++FlopCounter::count();                               \
+    return a.v op b.v;                                    \
   }
 TOX_FC_CMP(<)
 TOX_FC_CMP(<=)
@@ -47,12 +50,15 @@ TOX_FC_CMP(==)
 TOX_FC_CMP(!=)
 #undef TOX_FC_CMP
 
-inline FlopCounter& operator+=(FlopCounter& a, FlopCounter b) { a = a + b; return a; }
+inline FlopCounter& operator+=(FlopCounter& a, FlopCounter b) {
+  a = a + b;
+  return a;
+}
 
-#define TOX_FC_FN1(name, fn)                                                       \
-  inline FlopCounter name(FlopCounter a) {                                         \
-    ++FlopCounter::count();                                                        \
-    return FlopCounter(fn(a.v));                                                   \
+#define TOX_FC_FN1(name, fn)               \
+  inline FlopCounter name(FlopCounter a) { \
+    ++FlopCounter::count();                \
+    return FlopCounter(fn(a.v));           \
   }
 TOX_FC_FN1(m_sqrt, std::sqrt)
 TOX_FC_FN1(m_cbrt, std::cbrt)

@@ -25,7 +25,7 @@ namespace TOX_MATH_NS {
 // Derivation: docs/derivations.md#row-constants-and-tolerances
 template <typename T>
 struct Fast32Row {
-  T d_hi, d_lo;  // d = d_hi + d_lo to about 2^-48
+  T d_hi, d_lo;                   // d = d_hi + d_lo to about 2^-48
   T inv_d, tau, inv_tau, inv_ez;  // 1/d, eta*zsq/d, d/(eta*zsq), 1/(eta*zsq)
   T tau3;                         // 3 tau
   bool ok;

@@ -7,17 +7,17 @@ namespace torchopt_ext {
 inline void check_probe_move_args(const at::TensorList& params, const at::TensorList& saved,
                                   const at::TensorList& direction, const at::Tensor& step) {
   TORCH_CHECK(saved.size() == params.size() && direction.size() == params.size(),
-              "probe_move_: params, saved and direction must have one length, got ", params.size(), ", ",
-              saved.size(), ", ", direction.size());
+              "probe_move_: params, saved and direction must have one length, got ", params.size(), ", ", saved.size(),
+              ", ", direction.size());
   TORCH_CHECK(step.numel() == 1, "probe_move_: step must be a 0-dim tensor, got shape ", step.sizes());
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(saved[i].sizes() == params[i].sizes() && direction[i].sizes() == params[i].sizes(),
                 "probe_move_: saved[", i, "] and direction[", i, "] must have params[", i, "]'s shape ",
                 params[i].sizes());
-    TORCH_CHECK(saved[i].scalar_type() == params[i].scalar_type() &&
-                    direction[i].scalar_type() == params[i].scalar_type(),
-                "probe_move_: saved[", i, "] and direction[", i, "] must have params[", i, "]'s dtype ",
-                params[i].scalar_type());
+    TORCH_CHECK(
+        saved[i].scalar_type() == params[i].scalar_type() && direction[i].scalar_type() == params[i].scalar_type(),
+        "probe_move_: saved[", i, "] and direction[", i, "] must have params[", i, "]'s dtype ",
+        params[i].scalar_type());
     TORCH_CHECK(saved[i].device() == params[i].device() && direction[i].device() == params[i].device(),
                 "probe_move_: saved[", i, "] and direction[", i, "] must be on params[", i, "]'s device ",
                 params[i].device());
@@ -29,8 +29,8 @@ inline void check_newton_lr_args(const at::Tensor& losses, const at::Tensor& eta
   TORCH_CHECK(eta.numel() == 1, "newton_lr: eta must be a 0-dim tensor, got shape ", eta.sizes());
   TORCH_CHECK(velocity.numel() == 1, "newton_lr: velocity must be a 0-dim tensor, got shape ", velocity.sizes());
   TORCH_CHECK(eta.device() == losses.device() && velocity.device() == losses.device(),
-              "newton_lr: losses, eta and velocity must be on one device, got ", losses.device(), ", ",
-              eta.device(), ", ", velocity.device());
+              "newton_lr: losses, eta and velocity must be on one device, got ", losses.device(), ", ", eta.device(),
+              ", ", velocity.device());
 }
 
 inline void check_guarded_lr_args(const at::Tensor& losses, const at::Tensor& eta, double growth, double fraction,

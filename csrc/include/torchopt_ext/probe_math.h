@@ -17,8 +17,8 @@ namespace math {
 // The result is clamped to >= delta (eq. 19). A non-finite probe loss or update would poison eta
 // for good, so then eta is halved instead (still clamped to delta) and the momentum is reset.
 // Derivation: docs/derivations.md#newton-rule
-TORCHOPT_HD inline void newton_lr_update(const double* f, double eta, double v, double eps, double delta,
-                                         double beta, double* eta_out, double* v_out) {
+TORCHOPT_HD inline void newton_lr_update(const double* f, double eta, double v, double eps, double delta, double beta,
+                                         double* eta_out, double* v_out) {
   const double num = f[3] - f[1];
   const double den = f[4] + f[0] - 2.0 * f[2] + delta;  // eq. 18: delta keeps den off 0
   const double inc = 2.0 * eps * num / den;

@@ -1,5 +1,6 @@
 """torchopt_ext.nn.grads: the implicit layer's gradient formula against the math, the wrapper's
-choice of the compiled op, and a stack of layers (the distillation nets' form)."""
+choice of the compiled op, and the callers that share the formula (a stack of layers, the
+benchmark's naive baseline, the distillation nets)."""
 import pytest
 import torch
 
@@ -95,3 +96,22 @@ def test_wrapper_runs_the_compiled_op_exactly_where_it_applies(act, monkeypatch)
     calls.clear()
     linear_backward(x.float(), w, b, q, gy, act_, hyper, True, True, True)  # a mixed dtype
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("act", ["relu", "arctan", "smoothstep", "identity"])
+def test_bench_naive_baseline_gives_the_layers_gradients(act):
+    """The benchmark's naive IB (alpha from plain torch ops) gives ImplicitLinear's gradients at the
+    benchmark's lr: the same formula, only the alpha solve differs."""
+    from torchopt_ext.bench.layers import LR, _NaiveIB
+    from torchopt_ext.nn import ImplicitLinear
+
+    torch.manual_seed(0)
+    layer = ImplicitLinear(7, 5, act).double()
+    layer.lr, layer.weight_decay = LR, 0.0
+    w, b = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
+    x = torch.randn(9, 7, dtype=torch.float64) * 3
+    g = torch.randn(9, 5, dtype=torch.float64)
+    layer(x).backward(g)
+    _NaiveIB.apply(x, w, b, A.get(act)).backward(g)
+    torch.testing.assert_close(w.grad, layer.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, layer.bias.grad, rtol=1e-12, atol=1e-12)

@@ -1,6 +1,6 @@
 """ImplicitSGD + implicit layers under DistributedDataParallel (2 processes, gloo).
 
-The rule (also in torchopt_ext/nn/functional.py): each rank r computes its loss as the mean over
+The rule (also in torchopt_ext/nn/grads.py): each rank r computes its loss as the mean over
 its own B_r samples, so sample i's upstream gradient is b_i = (1/B_r) dl_i/dy; the layer solves
 alpha_i(b_i) and writes mu theta/(1+eta mu) + sum_{i on r} alpha_i z_i; DDP averages the R ranks'
 gradients, so every rank steps on

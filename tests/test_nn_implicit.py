@@ -7,6 +7,7 @@ from torch import nn
 
 import torchopt_ext.nn.alpha as alpha_mod
 import torchopt_ext.nn.functional as functional_mod
+import torchopt_ext.nn.grads as grads_mod
 from torchopt_ext import activations as A
 from torchopt_ext.nn import Arctan, ImplicitLinear, ImplicitRNN, Smoothstep, implicit
 from torchopt_ext.nn.activation_fns import functions
@@ -90,15 +91,25 @@ def test_step_matches_reference_alpha_with_weight_decay(act):
 
 
 def test_reference_fallback_matches_compiled(monkeypatch):
+    """With no compiled kernel for the device the layer runs the Python formula on the reference
+    alpha: the gradients of the compiled node."""
     layer = _layer(4, 3, "arctan", 0.5, 0.01)
     x = torch.randn(7, 4, dtype=torch.float64)
     layer(x).pow(2).sum().backward()
-    g = layer.weight.grad.clone()
-    layer.weight.grad = None
-    monkeypatch.setattr(alpha_mod, "_compiled_for", lambda device: False)
-    monkeypatch.setattr(functional_mod, "_compiled_for", lambda device: False)
-    layer(x).pow(2).sum().backward()
+    assert type(layer(x).grad_fn).__name__ != "ImplicitLinearFunctionBackward"  # the C++ node ran
+    g, gb = layer.weight.grad.clone(), layer.bias.grad.clone()
+    layer.weight.grad = layer.bias.grad = None
+    for mod in (alpha_mod, grads_mod, functional_mod):
+        monkeypatch.setattr(mod, "_compiled_for", lambda device: False)
+    monkeypatch.setattr(functional_mod, "_C", None)
+    calls = []
+    monkeypatch.setattr(alpha_mod, "ib_alpha_reference", lambda *a: calls.append(1) or ib_alpha_reference(*a))
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "ImplicitLinearFunctionBackward"
+    y.pow(2).sum().backward()
+    assert calls, "the reference alpha did not run"
     assert torch.allclose(layer.weight.grad, g, atol=1e-12)
+    assert torch.allclose(layer.bias.grad, gb, atol=1e-12)
 
 
 @pytest.mark.parametrize("act", ["relu", "arctan", "hardtanh", "smoothstep", "identity"])
@@ -120,9 +131,9 @@ def test_compiled_layer_paths_equal_the_python_backward(act, dtype, monkeypatch)
             results = []
             for path in ("node", "one_op", "python"):
                 if path == "one_op":
-                    monkeypatch.setattr(functional_mod, "_compiled_node", lambda *a: False)
+                    monkeypatch.setattr(functional_mod, "_node_runs", lambda *a: False)
                 if path == "python":
-                    monkeypatch.setattr(functional_mod, "_one_op_backward", lambda *a: False)
+                    monkeypatch.setattr(grads_mod, "_op_applies", lambda *a: False)
                 layer.zero_grad()
                 x.grad = None
                 y = layer(x)

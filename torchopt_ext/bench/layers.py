@@ -4,8 +4,8 @@ Three ways to train the same n -> m layer on one batch, timed side by side in on
 rounds, fastest round per method, so machine noise hits all three alike):
   eb     nn.Linear + activation (autograd) + torch.optim.SGD
   ib     torchopt_ext.nn.ImplicitLinear + ImplicitSGD (compiled alpha)
-  naive  the same implicit gradient with alpha from plain torch ops (ib_alpha_reference), as the
-         paper's own code did
+  naive  the same implicit gradient (torchopt_ext.nn.grads.implicit_grads) with alpha from plain
+         torch ops (ib_alpha_reference), as the paper's own code did
 The paper's flop model bounds ib's overhead over eb by (2n + c_sigma m) / (3nm), c_sigma the
 activation's counted flops per alpha solve: of the solver that runs, i.e. the float32 fast path's
 count for float32 input on a CPU that takes it (activations.Activation.flops_float32).
@@ -23,6 +23,7 @@ from torchopt_ext import activations as _act
 from torchopt_ext._extension import _C
 from torchopt_ext.nn import ImplicitLinear
 from torchopt_ext.nn.activation_fns import functions
+from torchopt_ext.nn.grads import implicit_grads
 from torchopt_ext.ops import ib_alpha_reference
 from torchopt_ext.optim import ImplicitSGD
 
@@ -55,20 +56,23 @@ def target(n: int, activation: str, dtype=torch.float64, device="cpu") -> float:
 
 
 class _NaiveIB(torch.autograd.Function):
-    """Implicit linear layer whose alpha comes from plain torch ops (the eager baseline)."""
+    """Implicit linear layer whose alpha comes from plain torch ops: deliberately naive (the eager
+    baseline the paper's code stands for), through the layers' own formula so that only the alpha
+    solve differs from ib."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, act):
         q = torch.addmm(bias, x, weight.t())
-        ctx.save_for_backward(x, weight, q)
+        ctx.save_for_backward(x, weight, bias, q)
         ctx.act = act
         return functions(act)[0](q)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, q = ctx.saved_tensors
-        a = ib_alpha_reference(q, grad_y, (x * x).sum(-1) + 1.0, LR, 0.0, ctx.act)
-        return None, a.t() @ x, a.sum(0), None
+        x, weight, bias, q = ctx.saved_tensors
+        _, gw, gb = implicit_grads(x, weight, bias, q, grad_y, LR, 0.0, False, ctx.act, need_x=False,
+                                   solve=ib_alpha_reference)
+        return None, gw, gb, None
 
 
 def _steppers(n: int, m: int, batch: int, act: str, dtype, device="cpu") -> Dict[str, Callable[[], None]]:

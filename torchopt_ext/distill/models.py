@@ -19,8 +19,8 @@ import torch
 def one_thread():
     """Run tabular-sized work on one intra-op thread.
 
-    Every op here touches a few hundred numbers; with two threads on a shared 2-core machine each op
-    can wait milliseconds in an OpenMP barrier (measured 20-40x slower evaluation), so we opt out.
+    Every op here touches a few hundred numbers, so a second thread only adds the wait in an OpenMP
+    barrier, which on a busy machine can cost more than the op itself.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -80,8 +80,8 @@ def model_rates(lrs, m, params):
 
 
 def softmax(z):
-    # composed of elementwise ops: torch.softmax on these tiny tensors enters an OpenMP parallel
-    # region that costs milliseconds on a busy 2-core machine
+    # composed of elementwise ops: torch.softmax enters an OpenMP parallel region, which on these
+    # tiny tensors costs more than the arithmetic
     e = torch.exp(z - z.amax(-1, keepdim=True))
     return e / e.sum(-1, keepdim=True)
 
@@ -143,25 +143,29 @@ def loss_and_grad(params, x, p, need_value=True):
 
 
 def implicit_grad(params, x, p, lr):
-    """Implicit-backprop gradients (Fagan & Iyengar; DESIGN.md §2) of the relu net at step size lr.
+    """Implicit-backprop gradients (Fagan & Iyengar; docs/design.md §2) of the relu net at step size lr.
 
-    Hidden relu layers get sum_i alpha_i z_i^T with alpha from torchopt_ext.ops.ib_alpha (z = the
-    layer's input with the bias's 1); the last layer is linear into the softmax loss, where the
-    implicit step equals the explicit one, so its gradient is the ordinary one. The signal passed
-    down is the ordinary EB one. A plain step theta - lr * grad is then the implicit step."""
+    Hidden relu layers get the implicit layers' own gradient (torchopt_ext.nn.grads.implicit_grads,
+    all m models as one stack, alpha from the checked torchopt_ext.ops.ib_alpha); the last layer is
+    linear into the softmax loss, where the implicit step equals the explicit one, so its gradient
+    is the ordinary one. The signal passed down is the ordinary EB one. A plain step
+    theta - lr * grad is then the implicit step."""
+    from torchopt_ext import activations
+    from torchopt_ext.nn.grads import implicit_grads
     from torchopt_ext.ops import ib_alpha
 
     _, grads, cache = loss_and_grad(params, x, p, need_value=False)
     acts, masks, deltas, z, s, P, N = cache
+    relu = activations.get("relu")
     L = len(params) // 2
     for l in range(L - 1):
-        a_in = acts[l]
-        pre = torch.matmul(a_in, params[2 * l]) + params[2 * l + 1].unsqueeze(-2)
+        a_in, w, bias = acts[l], params[2 * l], params[2 * l + 1]
+        pre = torch.matmul(a_in, w) + bias.unsqueeze(-2)
         b = torch.matmul(deltas[l + 1], params[2 * (l + 1)].transpose(-1, -2))  # dl/d relu(pre)
-        zsq = (a_in * a_in).sum(-1) + 1.0
-        alpha = ib_alpha(pre.contiguous(), b.contiguous(), zsq.expand(pre.shape[:-1]).contiguous(), lr, 0.0, "relu")
-        grads[2 * l] = torch.matmul(_transpose_input(a_in).expand(*alpha.shape[:-2], -1, -1), alpha)
-        grads[2 * l + 1] = alpha.sum(-2)
+        # the stack's weights are W^T of the layer y = relu(a W + bias): transposed in, transposed out
+        _, gw, gb = implicit_grads(a_in, w.transpose(-1, -2), bias, pre, b, lr, 0.0, False, relu,
+                                   need_x=False, solve=ib_alpha)
+        grads[2 * l], grads[2 * l + 1] = gw.transpose(-1, -2), gb
     return grads
 
 

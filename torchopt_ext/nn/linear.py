@@ -26,9 +26,11 @@ class ImplicitLinear(nn.Module):
     layer's id, not the layer, so delete a layer only after its backward has run. Under
     torch.compile the layer traces (fullgraph too) and its backward is one opaque op that reads
     eta and mu when the compiled backward runs, so a scheduler's lr takes effect there as well.
+    Anything else (a PiecewiseCubic, autocast, no compiled extension) runs in Python; all three
+    paths compute the gradients of ``torchopt_ext.nn.grads.implicit_grads``.
 
-    Each backward through the layer writes the decay term mu W/(1+eta mu) once (DESIGN.md's .grad
-    convention). Calling the layer k times before one backward (weight sharing), or accumulating k
+    Each backward through the layer writes the decay term mu W/(1+eta mu) once (docs/design.md's
+    .grad convention). Calling the layer k times before one backward (weight sharing), or accumulating k
     backwards before one step, therefore adds the decay k times; use weight_decay=0 there or divide.
 
     Args:

@@ -1,5 +1,5 @@
 """The reference solver (ib_alpha_reference) held to the mathematics: brute-force minimisation
-of the 1-D implicit-SGD objective, and the limits of ../shared/DESIGN.md §2."""
+of the 1-D implicit-SGD objective, and the limits in docs/design.md#implicit-backprop."""
 import math
 
 import numpy as np
@@ -135,7 +135,7 @@ def test_huge_lr_with_decay_keeps_the_step_bounded(name):
 
 
 def test_relu_table_1_cases():
-    """DESIGN.md §2: the closed form's five cases, at chosen points."""
+    """docs/design.md#implicit-backprop: the closed form's five cases, at chosen points."""
     eta, mu, zsq = 0.5, 0.2, 2.0
     d, s = 1 + eta * mu, eta * zsq
     z = torch.tensor([zsq], dtype=torch.float64)

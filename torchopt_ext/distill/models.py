@@ -143,7 +143,7 @@ def loss_and_grad(params, x, p, need_value=True):
 
 
 def implicit_grad(params, x, p, lr):
-    """Implicit-backprop gradients (Fagan & Iyengar; DESIGN.md §2) of the relu net at step size lr.
+    """Implicit-backprop gradients (Fagan & Iyengar; docs/design.md#implicit-backprop) of the relu net at step size lr.
 
     Hidden relu layers get sum_i alpha_i z_i^T with alpha from torchopt_ext.ops.ib_alpha (z = the
     layer's input with the bias's 1); the last layer is linear into the softmax loss, where the

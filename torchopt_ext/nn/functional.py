@@ -1,6 +1,6 @@
 """The autograd function of an implicit linear layer: y = sigma(x W^T + bias).
 
-Backward (DESIGN.md section 2, "the .grad convention"), with b = dL/dy, q = x W^T + bias and
+Backward (docs/design.md#grad-convention), with b = dL/dy, q = x W^T + bias and
 z = [x, 1]:
     input grad  = (b * sigma'(q)) @ W                         (ordinary explicit backprop)
     weight grad = mu W / (1 + eta mu) + sum_i alpha_i x_i^T   (bias: mu bias/(1+eta mu) + sum_i alpha_i)

@@ -27,9 +27,10 @@ class ImplicitLinear(nn.Module):
     torch.compile the layer traces (fullgraph too) and its backward is one opaque op that reads
     eta and mu when the compiled backward runs, so a scheduler's lr takes effect there as well.
 
-    Each backward through the layer writes the decay term mu W/(1+eta mu) once (DESIGN.md's .grad
-    convention). Calling the layer k times before one backward (weight sharing), or accumulating k
-    backwards before one step, therefore adds the decay k times; use weight_decay=0 there or divide.
+    Each backward through the layer writes the decay term mu W/(1+eta mu) once
+    (docs/design.md#grad-convention). Calling the layer k times before one backward (weight sharing),
+    or accumulating k backwards before one step, therefore adds the decay k times; use weight_decay=0
+    there or divide.
 
     Args:
         in_features, out_features: sizes n and m.

@@ -134,7 +134,7 @@ def test_huge_lr_with_decay_keeps_the_step_bounded(name):
 
 
 def test_relu_table_1_cases():
-    """DESIGN.md §2: the closed form's five cases, at chosen points."""
+    """docs/design.md#implicit-backprop: the closed form's five cases, at chosen points."""
     eta, mu, zsq = 0.5, 0.2, 2.0
     d, s = 1 + eta * mu, eta * zsq
     f = lambda q, b: one(q, b, zsq, eta, mu, "relu")

@@ -1,8 +1,9 @@
 """The field's networks for image condensation: ConvNet (instance norm), ConvNet-BN, MLP, LeNet.
 
 Each net is ``head(features(x))``: ``features`` maps (N, C, H, W) images to (N, F) vectors (psi_theta of
-DESIGN.md §4b), ``head`` is one Linear to the class logits. No module changes a parameter in place, so
-``torch.func.functional_call(net, params, x)`` works (with batch norm: also with buffers, in train mode).
+docs/design.md#condensation-methods), ``head`` is one Linear to the class logits. No module changes a
+parameter in place, so ``torch.func.functional_call(net, params, x)`` works (with batch norm: also with
+buffers, in train mode).
 """
 from __future__ import annotations
 

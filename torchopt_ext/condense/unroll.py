@@ -1,6 +1,7 @@
 """Hypergradients through n SGD steps of any nn.Module, for the bilevel methods (DD, LD, GTN; MTT's student).
 
-Inner loop (DESIGN.md §4), with i(k) = k mod s and the net called by ``torch.func.functional_call``:
+Inner loop (docs/design.md#dataset-distillation), with i(k) = k mod s and the net called by
+``torch.func.functional_call``:
     theta_{k+1} = theta_k - eta_k g_k,   g_k = d l(f_{theta_k}(x~_i(k)), y~_i(k)) / d theta
     l(z, p) = (1/B) sum_b [ (sum_c p_bc) logsumexp(z_b) - p_b . z_b ]
 l is the cross-entropy when the rows of p sum to one and is linear in p (the tabular models.loss, on logits).

@@ -1,4 +1,7 @@
-"""Dataset distillation (DESIGN.md §4): learn synthetic points, labels and per-step learning rates."""
+"""Dataset distillation: learn synthetic points, labels and per-step learning rates.
+
+The mathematics: docs/design.md#dataset-distillation; the user guide: docs/DISTILL.md.
+"""
 from torchopt_ext.distill.config import DistillConfig, DistillError
 from torchopt_ext.distill.distill import DistilledSet, distill, distill_batch, distill_restarts
 from torchopt_ext.distill.evaluate import evaluate

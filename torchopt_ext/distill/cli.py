@@ -44,7 +44,7 @@ def add_parser(sub):
     p = sub.add_parser(
         "distill", help="learn a small synthetic training set and its learning rates",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Dataset distillation (the tabular paper's algorithm, DESIGN.md §4): learn s x epochs "
+        description="Dataset distillation (the tabular paper's algorithm, docs/DISTILL.md): learn s x epochs "
         "inner steps of synthetic points (per-class per step), optionally soft labels, and one learning "
         "rate per inner step, so that m internal models trained on them from random initialisations do "
         "well on the real data. Then train fresh models on the result, write results.md (like the paper's "
@@ -114,7 +114,7 @@ def add_parser(sub):
                    "epochs then x0.95, 50 epochs); 2: repeat all distilled epochs 10 times, rates decayed by "
                    "--strategy2-decay per repeat; 3: then repeat only the last epoch 45 times, x0.98 cumulatively")
     g.add_argument("--strategy2-decay", type=float, default=_D.strategy2_decay,
-                   help="rate factor per repeat in strategy 2 (DESIGN.md: 0.9; the paper's text: 0.98)")
+                   help="rate factor per repeat in strategy 2 (the paper's text: 0.98)")
     g.add_argument("--eval-optimizer", default=_D.eval_optimizer, choices=("sgd", "implicit", "adaptive"),
                    help="train evaluation models with plain SGD, or this package's ImplicitSGD / AdaptiveLRSGD")
     g.add_argument("--baseline-steps", type=int, default=_D.baseline_steps,

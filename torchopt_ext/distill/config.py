@@ -59,7 +59,7 @@ class DistillConfig:
     eval_arch: Optional[List[int]] = None  # default: 1, 2, 4 layers
     strategies: List[int] = field(default_factory=lambda: [0, 1, 2, 3])
     eval_optimizer: str = "sgd"
-    strategy2_decay: float = 0.9   # DESIGN.md §4 (the paper's text says 0.98)
+    strategy2_decay: float = 0.9   # docs/design.md#dataset-distillation (the paper's text says 0.98)
     baseline_steps: int = 500      # full-batch Adam steps for the "original" row
     # output
     dtype: str = "float32"

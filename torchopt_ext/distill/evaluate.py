@@ -1,4 +1,7 @@
-"""Train fresh models on distilled data (strategies 0-3 of DESIGN.md §4) and tabulate test accuracy."""
+"""Train fresh models on distilled data and tabulate test accuracy.
+
+The training schedules are strategies 0-3 of docs/design.md#dataset-distillation.
+"""
 import statistics
 
 import torch

@@ -1,6 +1,6 @@
 """Hypergradients of the outer loss L w.r.t. synthetic points, labels and per-step learning rates.
 
-Inner loop (DESIGN.md §4), per model j, k = 0..n-1, i(k) = k mod s:
+Inner loop (docs/design.md#dataset-distillation), per model j, k = 0..n-1, i(k) = k mod s:
     theta_{k+1} = theta_k - eta_k g_k,   g_k = dl(x_i(k), p_i(k), theta_k)/dtheta
     L = (1/m) sum_j l(x_real, y_real, theta_n^(j))
 

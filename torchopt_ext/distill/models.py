@@ -143,7 +143,7 @@ def loss_and_grad(params, x, p, need_value=True):
 
 
 def implicit_grad(params, x, p, lr):
-    """Implicit-backprop gradients (Fagan & Iyengar; docs/design.md §2) of the relu net at step size lr.
+    """Implicit-backprop gradients (Fagan & Iyengar; docs/design.md#implicit-backprop) of the relu net at step size lr.
 
     Hidden relu layers get the implicit layers' own gradient (torchopt_ext.nn.grads.implicit_grads,
     all m models as one stack, alpha from the checked torchopt_ext.ops.ib_alpha); the last layer is

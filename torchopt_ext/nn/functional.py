@@ -1,7 +1,7 @@
 """The autograd of an implicit linear layer y = sigma(x W^T + bias), in its three execution paths.
 
-The gradients (the input's explicit, the weight's and bias's implicit) are ``grads.implicit_grads``
-and its compiled twin; eta and mu are read from the owning optimizer's param group when the
+The gradients (the input's explicit, the weight's and bias's implicit; docs/design.md#grad-convention)
+are ``grads.implicit_grads`` and its compiled twin; eta and mu are read from the owning optimizer's param group when the
 backward runs (see hyper.py). ``implicit_linear`` picks the path:
   - the C++ autograd node ``_C.implicit_linear`` (csrc/implicit_linear.cpp), eager built-in layers:
     no Python in forward or backward but the eta lookup;
@@ -11,6 +11,12 @@ backward runs (see hyper.py). ``implicit_linear`` picks the path:
     reaches it without a recompile and without the optimizer lookup inside the traced graph;
   - ``ImplicitLinearFunction`` for everything else (a PiecewiseCubic, autocast, no extension, a
     module without an implicit-layer id).
+
+Scaling of b (alpha is nonlinear in b, so it matters): b is the loss's gradient as given. With a
+mean-reduced loss over B samples each sample's b carries 1/B. Under DistributedDataParallel with R
+ranks each rank solves its own samples with b_i = (1/B_rank) dl_i/dy and DDP then averages the
+gradients, so the step is mu theta/(1+eta mu) + (1/R) sum_ranks sum_i alpha_i(b_i) z_i, which is not
+the single-process step on the mean over all R*B_rank samples (tests/test_ddp_implicit.py).
 """
 from __future__ import annotations
 

@@ -29,9 +29,10 @@ class ImplicitLinear(nn.Module):
     Anything else (a PiecewiseCubic, autocast, no compiled extension) runs in Python; all three
     paths compute the gradients of ``torchopt_ext.nn.grads.implicit_grads``.
 
-    Each backward through the layer writes the decay term mu W/(1+eta mu) once (docs/design.md's
-    .grad convention). Calling the layer k times before one backward (weight sharing), or accumulating k
-    backwards before one step, therefore adds the decay k times; use weight_decay=0 there or divide.
+    Each backward through the layer writes the decay term mu W/(1+eta mu) once
+    (docs/design.md#grad-convention). Calling the layer k times before one backward (weight sharing),
+    or accumulating k backwards before one step, therefore adds the decay k times; use weight_decay=0
+    there or divide.
 
     Args:
         in_features, out_features: sizes n and m.

@@ -2,7 +2,7 @@
 
 ``probe_move_(params, saved, direction, step)``: every ``p <- saved - step * d`` in one call.
 ``newton_lr(losses, eta, velocity, eps, delta, beta)``: the next eta (and its momentum) from the
-five probe losses ``f(eta + j*eps)``, j = -2..2 (DESIGN.md section 3; paper eq. 16/18/19/20-21).
+five probe losses ``f(eta + j*eps)``, j = -2..2 (docs/design.md#five-probe-learning-rate; paper eq. 16/18/19/20-21).
 ``guarded_lr(losses, eta, eps, delta, growth, fraction, shrink)``: the next eta by the guarded rule
 (docs/ADAPTIVE_LR.md), AdaptiveLRSGD's default.
 Both keep everything on the tensors' device: no host synchronisation on CUDA.

@@ -1,6 +1,6 @@
 """AdaptiveLRSGD: SGD whose learning rate eta follows five loss probes along the step direction.
 
-Ravaut & Gorti's method (DESIGN.md section 3; docs/ADAPTIVE_LR.md). Each ``step(closure)``:
+Ravaut & Gorti's method (docs/design.md#five-probe-learning-rate; docs/ADAPTIVE_LR.md). Each ``step(closure)``:
 
 1. d = the SGD step direction (gradient + weight decay, through the momentum buffer as SGD does);
    with a torch.optim-style closure (one that calls backward) the closure is called first to make

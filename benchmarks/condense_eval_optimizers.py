@@ -6,7 +6,7 @@ close the cross-architecture gap?
 
 GRID is a `condense --out` directory: its config.json gives the data, split, widths, seed and epochs, its
 cells/*.pt the sets (digest-checked). Each (cell, optimizer, net) trains --models fresh nets by the grid's
-protocol (condense/evaluate.py; the same initialisations for every optimizer). Printed per optimizer: the
+protocol (torchopt_ext/condense/evaluate.py; the same initialisations for every optimizer). Printed per optimizer: the
 accuracies and the gap, ConvNet's accuracy minus the mean over the other nets. --json writes every number.
 """
 import argparse

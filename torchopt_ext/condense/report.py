@@ -64,7 +64,7 @@ def results_markdown(results: dict) -> str:
 
 
 def held_bytes(meta: dict):
-    """The bytes of tensors the method counts as held in one outer iteration (its peak; condense/memory.py),
+    """The bytes of tensors the method counts as held in one outer iteration (its peak; torchopt_ext/condense/memory.py),
     None when it counts none: the unrolls' parameter copies (dd, ld, gtn, mtt), the tensors autograd saved
     (dc, dsa, dm, kip)."""
     for key in ("peak_state_bytes", "peak_held_bytes"):
@@ -87,7 +87,7 @@ def memory_markdown(cells: dict, methods, ipcs) -> str:
         return ""
     return ("## Memory per outer iteration (MiB)\n\n| method | " + " | ".join(f"ipc {k}" for k in ipcs) + " |\n|---|"
             + "---|" * len(ipcs) + "\n" + "\n".join(rows) + "\n\nThe tensors a method holds at its peak in one "
-            "outer iteration, counted as numel x element size (condense/memory.py): an unroll's parameter copies "
+            "outer iteration, counted as numel x element size (torchopt_ext/condense/memory.py): an unroll's parameter copies "
             "(dd, ld, gtn, mtt; fewer with --<method>-checkpoint-every), or the tensors the step keeps plus every "
             "storage autograd saves for backward (dc, dsa, dm, kip). No allocator slack, and the same on every "
             "machine.\n")

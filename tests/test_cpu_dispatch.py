@@ -97,12 +97,19 @@ def test_the_variable_picks_the_loop_set_cpu_isa_picks(isa, tmp_path):
     assert _differing(torch.load(path), here) == []
 
 
-def test_every_instruction_set_agrees_with_the_baseline_bit_for_bit():
+def test_every_instruction_set_agrees_with_the_baseline():
+    """Close, not bitwise: each instruction set's file is compiled with its own flags, so the compiler
+    contracts a*b+c into FMAs differently, and the vector arctan calls libmvec's atan (4 ulp); relu and
+    identity, which have neither, agree bit for bit."""
     with debug.kernel_settings(cpu_isa="baseline"):
         base = outputs()
     for isa in debug.cpu_isas():
         with debug.kernel_settings(cpu_isa=isa):
-            assert _differing(outputs(), base) == [], isa
+            here = outputs()
+        assert [k for k in _differing(here, base) if k.split()[0] in ("relu", "identity")] == [], isa
+        for k in base:
+            tol = 1e-3 if base[k].dtype == torch.float32 else 1e-9
+            torch.testing.assert_close(here[k], base[k], rtol=tol, atol=tol, equal_nan=True, msg=f"{isa} {k}")
 
 
 def test_an_unknown_value_is_one_clear_error_that_set_cpu_isa_overrides():

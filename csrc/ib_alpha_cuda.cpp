@@ -7,6 +7,7 @@
 
 #include "cuda/ib_alpha_kernel.h"
 #include "torchopt_ext/ib_alpha_check.h"
+#include "torchopt_ext/ib_alpha_math.h"
 
 namespace torchopt_ext {
 namespace {
@@ -26,7 +27,7 @@ at::Tensor ib_alpha_cuda(const at::Tensor& pre, const at::Tensor& grad_out, cons
   const int64_t rows = m == 0 ? 0 : p.numel() / m;
   auto k = knots.contiguous();
   auto co = coefficients.contiguous();
-  const bool pw = kind == 5;
+  const bool pw = kind == math::kPiecewise;
   const int err = cuda::ib_alpha_launch(kind, work == at::kDouble ? 1 : 0, p.data_ptr(), g.data_ptr(), z.data_ptr(),
                                         out.data_ptr(), rows, m, lr, weight_decay, pw ? k.data_ptr<double>() : nullptr,
                                         pw ? co.data_ptr<double>() : nullptr, pw ? co.size(0) : 0,

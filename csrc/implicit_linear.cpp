@@ -20,8 +20,8 @@ at::Tensor eb_signal(int64_t kind, const at::Tensor& b, const at::Tensor& u) {
     case math::kArctan: return b / (u * u + 1.0);
     case math::kHardtanh: {
       // the left piece owns the knot u = 1, so the open interval's top is the next number above 1
-      const double above_one = u.scalar_type() == at::kFloat ? double(std::nextafter(1.0f, 2.0f))
-                                                             : std::nextafter(1.0, 2.0);
+      const double above_one =
+          u.scalar_type() == at::kFloat ? double(std::nextafter(1.0f, 2.0f)) : std::nextafter(1.0, 2.0);
       return at::hardtanh_backward(b, u, -1.0, above_one);
     }
     case math::kSmoothstep: return (1.0 - u * u).clamp_min_(0.0).mul_(b).mul_(1.5);
@@ -46,7 +46,8 @@ void row_sqnorm_rows(const scalar_t* x, scalar_t* out, int64_t r0, int64_t r1, i
 // A tensor whose memory the loop below may read: dense CPU data and nothing in front of it. A tracing
 // wrapper (FakeTensor, FunctionalTensor, vmap's BatchedTensor) reports the CPU too but has no data.
 bool plain_cpu(const at::Tensor& t) {
-  return (t.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView) == c10::DispatchKeySet(c10::DispatchKey::CPU);
+  return (t.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView) ==
+         c10::DispatchKeySet(c10::DispatchKey::CPU);
 }
 
 at::Tensor row_sqnorm(const at::Tensor& x2) {
@@ -62,10 +63,12 @@ at::Tensor row_sqnorm(const at::Tensor& x2) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> implicit_linear_backward(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& q,
-    const at::Tensor& grad_y, double eta, double mu, bool maximize, int64_t kind, bool need_x, bool need_w,
-    bool need_b) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> implicit_linear_backward(const at::Tensor& x, const at::Tensor& weight,
+                                                                        const c10::optional<at::Tensor>& bias,
+                                                                        const at::Tensor& q, const at::Tensor& grad_y,
+                                                                        double eta, double mu, bool maximize,
+                                                                        int64_t kind, bool need_x, bool need_w,
+                                                                        bool need_b) {
   TORCH_CHECK(weight.dim() == 2, "implicit_linear_backward: weight must be 2-D, got ", weight.sizes());
   const int64_t m = weight.size(0), n = weight.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
@@ -86,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> implicit_linear_backward(
       if (has_bias) zsq.add_(1.0);
       static auto op = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("torchopt_ext::ib_alpha", "")
-                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                             double, int64_t, const at::Tensor&, const at::Tensor&)>();
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                                             int64_t, const at::Tensor&, const at::Tensor&)>();
       const at::Tensor none = at::empty({0}, q2.options().dtype(at::kDouble));
       a = op.call(q2, b2, zsq, eta, mu, kind, none, none);
     }
@@ -156,8 +159,8 @@ struct ImplicitLinearFunction : public torch::autograd::Function<ImplicitLinearF
         TORCH_CHECK(false, e.what());  // e.g. no ImplicitSGD manages the layer: its message, as RuntimeError
       }
     }
-    auto g = implicit_linear_backward(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
-                                      q, grads[0], eta, mu, maximize, kind, need_x, need_w, need_b);
+    auto g = implicit_linear_backward(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt, q,
+                                      grads[0], eta, mu, maximize, kind, need_x, need_w, need_b);
     return {need_x ? std::get<0>(g) : at::Tensor(), need_w ? std::get<1>(g) : at::Tensor(),
             need_b ? std::get<2>(g) : at::Tensor(), at::Tensor(), at::Tensor()};
   }

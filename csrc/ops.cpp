@@ -5,11 +5,14 @@
 
 #include "torchopt_ext/flop_counter.h"
 #include "torchopt_ext/ib_alpha_fast32.h"
+#include "torchopt_ext/ib_alpha_kinds.h"
 #include "torchopt_ext/ib_alpha_math.h"
 
 namespace torchopt_ext {
 namespace cpu {
 std::string set_isa(const std::string& isa);
+std::string current_isa();
+std::vector<std::string> available_isas();
 bool set_fast32(bool on);
 int64_t fast32_redone(bool reset);
 int64_t fast32_second(bool reset);
@@ -18,6 +21,13 @@ std::vector<std::string> fast32_activations();
 void set_hyper_resolver(py::object resolver);
 at::Tensor implicit_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            int64_t kind, int64_t layer_id);
+
+// name -> number of every activation kind, in the order of their numbers
+py::dict activation_kinds() {
+  py::dict kinds;
+  for (const KindName& k : kKindNames) kinds[k.name] = k.kind;
+  return kinds;
+}
 
 // Flops of one alpha solve, counted by running the solver on FlopCounter over inputs that take
 // every branch; returns the largest count seen.
@@ -85,8 +95,8 @@ at::Tensor ib_alpha_autograd(const at::Tensor& pre, const at::Tensor& grad_out, 
 
 TORCH_LIBRARY(torchopt_ext, m) {
   // alpha of the implicit-backprop step for every (sample, neuron); see ib_alpha_math.h.
-  // kind: torchopt_ext::math::Kind; knots/coefficients: float64 tables for kind == kPiecewise
-  // (ignored, and may be empty, for the built-in kinds).
+  // kind: torchopt_ext::math::Kind (by name: _C.activation_kinds()); knots/coefficients: float64
+  // tables for kind == kPiecewise (ignored, and may be empty, for the built-in kinds).
   m.def(
       "ib_alpha(Tensor pre, Tensor grad_out, Tensor z_sqnorm, float lr, float weight_decay, int kind, "
       "Tensor knots, Tensor coefficients) -> Tensor");
@@ -104,9 +114,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ib_alpha_flops", &torchopt_ext::ib_alpha_flops, "flops of one alpha solve, counted");
   m.def("ib_alpha_flops_float32", &torchopt_ext::ib_alpha_flops_float32,
         "flops of one solve on the float32 fast path (-1: the kind has none), counted");
+  m.def("activation_kinds", &torchopt_ext::activation_kinds,
+        "{name: number} of the activation kinds the ib_alpha op takes");
   m.def("set_cpu_isa", &torchopt_ext::cpu::set_isa,
         "the best row loop this CPU has ('auto': AVX-512, else AVX2+FMA, else baseline) or at most "
-        "'avx2' or 'baseline'; returns the one in use");
+        "'avx2' or 'baseline' ('default'); overrides TORCHOPT_EXT_CPU_CAPABILITY; returns the one in use");
+  m.def("cpu_isa", &torchopt_ext::cpu::current_isa, "the instruction set of the row loop in use");
+  m.def("cpu_isas", &torchopt_ext::cpu::available_isas,
+        "the instruction sets this CPU and build can run the row loop in, lowest first");
   m.def("set_cpu_fast_float32", &torchopt_ext::cpu::set_fast32, pybind11::arg("enabled"),
         "float32 hardtanh/smoothstep/arctan solved in float32 with a certificate (True, default) or "
         "in double (False); returns the previous setting");

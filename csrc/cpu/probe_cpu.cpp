@@ -41,7 +41,7 @@ void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList 
     TORCH_CHECK(p.device().is_cpu(), "probe_move_: the CPU kernel got params[", i, "] on ", p.device());
     const bool fast = p.is_contiguous() && saved[i].is_contiguous() && direction[i].is_contiguous() &&
                       (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble);
-    if (!fast) {  // rare layouts and dtypes: same formula through ATen
+    if (!fast) {                             // rare layouts and dtypes: same formula through ATen
       p.copy_(saved[i] - direction[i] * h);  // the reference's formula
       continue;
     }
@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor> newton_lr_cpu(const at::Tensor& losses, const
   check_newton_lr_args(losses, eta, velocity);
   auto f = losses.to(at::kDouble).contiguous();
   double eta_next = 0.0, v_next = 0.0;
-  math::newton_lr_update(f.data_ptr<double>(), eta.item<double>(), velocity.item<double>(), eps, delta, beta,
-                         &eta_next, &v_next);
+  math::newton_lr_update(f.data_ptr<double>(), eta.item<double>(), velocity.item<double>(), eps, delta, beta, &eta_next,
+                         &v_next);
   auto opts = losses.options().dtype(at::kDouble);
   return {at::scalar_tensor(eta_next, opts), at::scalar_tensor(v_next, opts)};
 }
@@ -67,8 +67,8 @@ at::Tensor guarded_lr_cpu(const at::Tensor& losses, const at::Tensor& eta, doubl
                           double fraction, double shrink) {
   check_guarded_lr_args(losses, eta, growth, fraction, shrink);
   auto f = losses.to(at::kDouble).contiguous();
-  const double next = math::guarded_lr_update(f.data_ptr<double>(), eta.item<double>(), eps, delta, growth, fraction,
-                                                    shrink);
+  const double next =
+      math::guarded_lr_update(f.data_ptr<double>(), eta.item<double>(), eps, delta, growth, fraction, shrink);
   return at::scalar_tensor(next, losses.options().dtype(at::kDouble));
 }
 

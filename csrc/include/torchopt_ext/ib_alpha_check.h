@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "torchopt_ext/ib_alpha_math.h"
+
 namespace torchopt_ext {
 
 inline void check_ib_alpha_args(const at::Tensor& pre, const at::Tensor& grad_out, const at::Tensor& z_sqnorm,
@@ -27,8 +29,8 @@ inline void check_ib_alpha_args(const at::Tensor& pre, const at::Tensor& grad_ou
   TORCH_CHECK(std::isfinite(lr) && lr > 0, "ib_alpha: lr must be finite and > 0, got ", lr);
   TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0, "ib_alpha: weight_decay must be finite and >= 0, got ",
               weight_decay);
-  TORCH_CHECK(kind >= 0 && kind <= 5, "ib_alpha: unknown activation kind ", kind);
-  if (kind == 5) {
+  TORCH_CHECK(kind >= math::kRelu && kind <= math::kPiecewise, "ib_alpha: unknown activation kind ", kind);
+  if (kind == math::kPiecewise) {
     TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(1) == 4 && coefficients.size(0) >= 1,
                 "ib_alpha: coefficients must have shape (M, 4), got ", coefficients.sizes());
     TORCH_CHECK(knots.dim() == 1 && knots.size(0) == coefficients.size(0) - 1,

@@ -25,3 +25,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread, for modules that set ``pytestmark = pytest.mark.usefixtures("single_thread")``:
+    their numbers are then bitwise stable and small nets do not wait on OpenMP barriers."""
+    from torchopt_ext.distill.models import one_thread
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """30 training images per class of the 8x8 digits, the test part untouched (a module may define its own)."""
+    import condense_fixtures
+    return condense_fixtures.tiny_digits()

@@ -13,23 +13,11 @@ from torchopt_ext.condense.methods import _matching as M
 from torchopt_ext.condense.methods import dc as D
 from torchopt_ext.condense.nets import make_net
 from torchopt_ext.distill.config import DistillError
-from torchopt_ext.distill.models import one_thread
 
-import condense_fixtures as FX
 
 METHODS = load_methods()
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """30 training images per class of the 8x8 digits, the test part untouched."""
-    return FX.tiny_digits()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def config(method="dc", width=16, **opts):

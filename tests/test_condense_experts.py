@@ -19,11 +19,7 @@ from torchopt_ext.distill.models import one_thread
 
 EPOCHS, LR, BATCH = 2, 0.05, 64
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

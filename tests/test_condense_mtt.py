@@ -15,23 +15,12 @@ from torchopt_ext.condense.evaluate import evaluate_set
 from torchopt_ext.condense.methods import METHODS, load_methods
 from torchopt_ext.condense.methods import mtt as T
 from torchopt_ext.distill.config import DistillError
-from torchopt_ext.distill.models import one_thread
 
 load_methods()
 FAST = dict(experts=2, train_epochs=4, expert_lr=0.1, expert_batch=64, syn_steps=4, expert_epochs=2,
             max_start_epoch=2, iterations=3)
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """30 training images per class, the test part untouched."""
-    return F.tiny_digits()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -100,12 +100,12 @@ def run_grid(config: CondenseConfig, out: str, resume: bool = False, progress: b
 
 
 def _condense_cell(config, data, methods, cell, progress):
-    """(saved state, {method_wall_s}) of the set of cell (method, ipc), from the cell's own seed."""
+    """(saved state, wall seconds) of the set of cell (method, ipc), from the cell's own seed."""
     method, ipc = cell
     gen = torch.Generator().manual_seed(derive_seed(config.seed, method, ipc))
     t0 = time.perf_counter()
     syn = methods[method](data, ipc, config, gen, progress)
-    return saved_state(syn), {"method_wall_s": time.perf_counter() - t0}
+    return saved_state(syn), time.perf_counter() - t0
 
 
 def _run(config, data, methods, outdir, out, progress):
@@ -114,7 +114,7 @@ def _run(config, data, methods, outdir, out, progress):
     plan = gathered(lambda: outdir.plan(cells, data) if rank == 0 else None)[0]
     records = {name: p["record"] for name, p in plan.items() if p["record"] is not None}
     states = {name: p["state"] for name, p in plan.items() if p["state"] is not None}
-    walls = {name: {"method_wall_s": p["method_wall_s"]} for name, p in plan.items()}   # cell -> its method's cost
+    walls = {name: p["method_wall_s"] for name, p in plan.items()}
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
     todo.sort(key=lambda c: (c[1] is None, c[1] or 0))   # ipc-major: a round's cells cost alike, ranks idle less
     prepared = {}
@@ -140,8 +140,8 @@ def _condense_pass(config, data, methods, todo, outdir, states, walls, progress)
     saved by rank 0 after each round."""
     bar = tqdm(total=len(todo), disable=not progress, desc="condense")
     for group, got in in_rounds(todo, lambda c: _condense_cell(config, data, methods, c, progress)):
-        for (method, ipc), (state, cost) in zip(group, got):
-            states[cell_name(method, ipc)], walls[cell_name(method, ipc)] = state, cost
+        for (method, ipc), (state, wall) in zip(group, got):
+            states[cell_name(method, ipc)], walls[cell_name(method, ipc)] = state, wall
         on_rank0(lambda: outdir.save_sets([(m, k, states[cell_name(m, k)]) for m, k in group], data))
         bar.update(len(group))
     bar.close()
@@ -178,9 +178,9 @@ def _evaluate_pass(config, data, cells, syns, walls, records, write, progress):
     bar.close()
 
 
-def _cell_record(method, ipc, syn, cost, evals):
+def _cell_record(method, ipc, syn, method_wall_s, evals):
     pt, png = set_files(cell_name(method, ipc))
-    return {"method": method, "ipc": ipc, "file": pt, "png": png, **cost, "eval": evals,
+    return {"method": method, "ipc": ipc, "file": pt, "png": png, "method_wall_s": method_wall_s, "eval": evals,
             "n_images": int(syn.images.shape[0]),
             "meta": {k: _plain(v) for k, v in syn.meta.items() if k != "train_index"}}
 
@@ -190,4 +190,5 @@ def _results(config, data, out, cells, records, world, prepared):
     return {"config": dataclasses.asdict(config), "data": data.record(), "command": config.command(out),
             "protocol": protocol_text(config.eval_models, config.eval_epochs, config.eval_optimizer,
                                       config.use_learned_lrs, config.eval_augment),
-            "world_size": world, "prepare_wall_s": prepared, "cells": {name: records[name] for name in order if name in records}}
+            "world_size": world, "prepare_wall_s": prepared,
+            "cells": {name: records[name] for name in order if name in records}}

@@ -287,11 +287,12 @@ def test_bf16_autocast_around_the_step_probes_in_float32():
     assert seconds["bf16"] == pytest.approx(seconds["float32"], rel=0.2)
 
 
-def test_autocast_inside_the_closure_warns_once():
+@pytest.mark.parametrize("given", [False, True], ids=["found-by-hook", "model-given"])
+def test_autocast_inside_the_closure_warns_once(given):
     x, y = _digits_batch()
     lossf = nn.CrossEntropyLoss()
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = AdaptiveLRSGD(net.parameters(), lr=0.1)
+    opt = AdaptiveLRSGD(net.parameters(), lr=0.1, model=net if given else None)
 
     def closure():
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -48,13 +48,16 @@ class ProbeGuard:
 
     def _record(self, module: nn.Module) -> None:
         """Saves the buffers and flags of ``module`` and all it contains, those not saved yet."""
-        for m in module.modules():
+        todo = [module]  # nn.Module.modules() without the name strings it builds for every submodule
+        while todo:
+            m = todo.pop()
             if id(m) in self.modules:
                 continue
             self.modules[id(m)] = (m, m.training)
             for name, b in m._buffers.items():
                 if b is not None:
                     self.buffers.append((m, name, b, b.detach().clone()))
+            todo.extend(c for c in m._modules.values() if c is not None)
 
     def _seen(self, module: nn.Module, args) -> None:
         if id(module) not in self.modules:
@@ -78,7 +81,10 @@ class ProbeGuard:
         if self.model is not None:
             # every module is known: a hook on the model alone serves the autocast check
             self._record(self.model)
-            self.hook = self.model.register_forward_pre_hook(self._seen)
+            # a closure's own autocast does not come and go between steps: watching the first step's
+            # first probe finds it, and sparing later steps the hook keeps the model on torch's fast path
+            watch = not self.warned.get("autocast_watched")
+            self.hook = self.model.register_forward_pre_hook(self._seen) if watch else None
         else:
             self.hook = register_module_forward_pre_hook(self._seen)
         self.grads = [p.grad for p in self.params]
@@ -116,6 +122,7 @@ class ProbeGuard:
 
     def first_probe_done(self) -> None:
         """Stops watching module calls (see the module docstring)."""
+        self.warned["autocast_watched"] = True
         if self.hook is not None:
             self.hook.remove()
             self.hook = None

@@ -47,7 +47,8 @@ def _as_loss(value, where: str) -> torch.Tensor:
     """A closure's return value as a detached 0-dim loss: a scalar tensor, per-sample losses (1-D,
     averaged in float64 so no digits go to a float32 reduction) or a Python number (kept in float64)."""
     if isinstance(value, torch.Tensor):
-        value = value.detach()
+        if value.requires_grad:
+            value = value.detach()
         if value.dim() == 0:
             return value
         if value.dim() == 1 and value.numel() > 0:
@@ -281,7 +282,8 @@ class AdaptiveLRSGD(Optimizer):
             with self._guard(group, params, probe_fn) as guard:
                 fs = []
                 for k, step in enumerate(steps.unbind(0)):
-                    guard.rewind()
+                    if k:  # the first probe starts from the state the guard saved
+                        guard.rewind()
                     move(params, originals, dirs, step)
                     fs.append(_as_loss(guard.first_probe(probe_fn) if k == 0 else probe_fn(), "the closure"))
         finally:
@@ -329,14 +331,14 @@ class AdaptiveLRSGD(Optimizer):
         torch._foreach_add_(params, torch._foreach_mul(dirs, -eta))
 
     def _next_eta(self, group, losses, eta_t, h):
-        """(eta, velocity) after this step, 0-dim float64 tensors, from the probe losses."""
+        """(eta, velocity) after this step, 0-dim float64 tensors, from the probe losses; the guarded rule
+        keeps no velocity (None)."""
         method = group["method"]
         if method == "guarded":
             # the compiled op takes h as a number; a tensor h (relative_eps on the device) goes through
             # the reference, which is the same formula in torch ops
             rule = guarded_lr if not isinstance(h, torch.Tensor) else guarded_lr_reference
-            eta_next = rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"], group["shrink"])
-            return eta_next, torch.zeros_like(eta_next)
+            return rule(losses, eta_t, h, group["delta"], group["growth"], group["fraction"], group["shrink"]), None
         v_t = self._eta(group["lr_velocity"], losses.device)
         if method == "newton":
             rule = newton_lr if not isinstance(h, torch.Tensor) else newton_lr_reference
@@ -397,10 +399,14 @@ class AdaptiveLRSGD(Optimizer):
         eta = self._eta(group["lr"], device) if on_device else float(group["lr"])
         dirs = self._directions(group, params)
         h = group["eps"] * eta if group["relative_eps"] else group["eps"]
-        offsets = self._offsets.get(device)
-        if offsets is None:
-            offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
-        steps = offsets.mul(h).add_(eta)  # eta + j*h
+        if isinstance(eta, float) and isinstance(h, float):
+            # one tensor from Python's float64 arithmetic, which rounds as the tensor ops below do
+            steps = torch.tensor([eta + j * h for j in _OFFSETS], dtype=torch.float64, device=device)
+        else:
+            offsets = self._offsets.get(device)
+            if offsets is None:
+                offsets = self._offsets[device] = torch.tensor(_OFFSETS, dtype=torch.float64, device=device)
+            steps = offsets.mul(h).add_(eta)  # eta + j*h
         probed, saw_backward = self._probe(probe_fn, group, params, dirs, steps)
         if saw_backward and not self._torch_closure and probe_fn is closure:
             # a torch.optim closure, but gradients were there at the first step (a backward before, or
@@ -418,13 +424,17 @@ class AdaptiveLRSGD(Optimizer):
             grads = [p.grad for p in params]
             bufs = [self.state[p].get("momentum_buffer") for p in params]
             _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                            lr=eta, dampening=0.0, nesterov=False, maximize=False)
+                            lr=eta, dampening=0.0, nesterov=False, maximize=False,
+                            # what SGD's own default picks on the CPU, without its per-parameter survey
+                            foreach=False if device.type == "cpu" else None)
             if group["momentum"] != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
 
         eta_t = eta if on_device else torch.scalar_tensor(eta, dtype=torch.float64, device=device)
         eta_next, v_next = self._next_eta(group, losses, eta_t, h)
+        if v_next is None:
+            v_next = torch.zeros_like(eta_next) if on_device else 0.0
         if on_device:
             group["lr"], group["lr_velocity"] = eta_next, v_next
         else:

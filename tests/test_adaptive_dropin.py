@@ -54,6 +54,80 @@ def test_guarded_rule_never_grows_on_a_concave_line():
     assert paper.param_groups[0]["lr"] == 1e-6
 
 
+def _sgd_step(w0, g, lr):
+    ref = nn.Parameter(w0.clone())
+    ref.grad = g.clone()
+    torch.optim.SGD([ref], lr=lr).step()
+    return ref.detach()
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("method, past", [("guarded", 1.5), ("guarded", 0.6), ("newton", 1.5)])
+def test_a_step_past_its_line_minimum_takes_the_smaller_eta(method, past, on_device):
+    A, b, w, loss = _quadratic()
+    w.grad = None
+    loss().backward()
+    g = w.grad.detach().clone()
+    exact = ((g @ g) / (g @ A @ g)).item()  # the line's minimiser: the loss rises at eta beyond it
+    w0, eta = w.detach().clone(), past * exact
+    opt = AdaptiveLRSGD([w], lr=eta, eps=1e-3, method=method, lr_on_device=on_device)
+    opt.step(loss)
+    if method == "guarded" and past > 1:
+        # the new eta aims at half the minimiser (0.5 exact); the cut is bounded by growth = 2 (0.75 exact)
+        expect = 0.75 * exact
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * exact, rel=1e-6)
+        assert float(opt.last_step_eta) == pytest.approx(expect, rel=1e-12)
+        expect = float(opt.last_step_eta)
+    else:
+        expect = eta  # a falling line, or the paper's rule: the step takes the eta it started with
+        assert float(opt.last_step_eta) == eta
+    ref = _sgd_step(w0, g, expect)
+    if on_device:  # p -= eta*d with a tensor eta: one rounding from SGD's fused add
+        torch.testing.assert_close(w.detach(), ref, rtol=0, atol=1e-15)
+    else:
+        assert torch.equal(w.detach(), ref)
+
+
+def test_a_non_finite_probe_loss_steps_at_eta_over_growth():
+    A, b, w, loss = _quadratic(seed=3)
+    w.grad = None
+    loss().backward()
+    g, w0 = w.grad.detach().clone(), w.detach().clone()
+    opt = AdaptiveLRSGD([w], lr=0.01, growth=4.0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return loss() + (float("nan") if len(calls) == 4 else 0.0)
+
+    opt.step(closure)
+    assert opt.param_groups[0]["lr"] == opt.last_step_eta == 0.0025
+    assert torch.equal(w.detach(), _sgd_step(w0, g, 0.0025))
+
+
+def test_guarded_rule_keeps_lenets_alive_under_momentum_on_100_digits():
+    # the evaluation protocol of the condensation grid (momentum 0.9, weight decay 5e-4, from lr 0.01)
+    # on 10 real images per class: with the weight step always at the eta it started with, these three
+    # LeNets died (test accuracy 0.19, 0.12, 0.10), the loss exploding within a dozen steps after eta
+    # had grown past the valley of the momentum direction
+    from torchopt_ext.condense.data import load_images
+    from torchopt_ext.condense.evaluate import test_accuracy, train_protocol
+    from torchopt_ext.condense.nets import seeded_net
+
+    data = load_images("digits", None, seed=0, test_fraction=1 / 3)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.nonzero(data.y_train == c).flatten()[torch.randperm(int((data.y_train == c).sum()),
+                                                                                generator=gen)[:10]]
+                     for c in range(10)])
+    images, labels = data.x_train[idx], nn.functional.one_hot(data.y_train[idx], 10).float()
+    accs = []
+    for j in (3, 4, 8):
+        net = seeded_net("lenet", data.shape, 10, 1000 + j, 128, None, images.dtype)
+        net = train_protocol(net, images, labels, 60, torch.Generator().manual_seed(j), "adaptive")
+        accs.append(test_accuracy(net, data.x_test, data.y_test))
+    assert min(accs) > 0.5, accs
+
+
 def test_guarded_rule_keeps_a_relu_mlp_alive_where_the_paper_rule_kills_it():
     from sklearn.datasets import load_digits
 

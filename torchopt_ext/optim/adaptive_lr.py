@@ -10,19 +10,22 @@ Ravaut & Gorti's method (docs/design.md#five-probe-learning-rate; docs/ADAPTIVE_
    into scratch storage the parameters point at meanwhile, under ``torch.no_grad``, outside autocast
    and inside a ``ProbeGuard`` (same dropout mask in all five; random stream, buffers, training flags
    and gradients restored);
-3. the parameters point at w's untouched storage again and take ``torch.optim.SGD``'s own step with
-   the current eta;
-4. the next eta (written to the group's ``lr``) comes from the probe losses, on the device:
+3. the next eta (written to the group's ``lr``) comes from the probe losses, on the device:
    ``method="guarded"`` (default) a trust-region Newton step to half the line's minimiser,
    ``method="newton"`` the paper's eq. 16/18/19 (+ momentum on eta, eq. 20-21),
-   ``method="first_order"`` eq. 6-8 with ``f'(eta)`` as the central difference of the probes.
+   ``method="first_order"`` eq. 6-8 with ``f'(eta)`` as the central difference of the probes;
+4. the parameters point at w's untouched storage again and take ``torch.optim.SGD``'s own step with
+   the current eta, except where the guarded rule finds the loss rising at eta (``f(eta+h) > f(eta-h)``)
+   or a probe loss not finite: eta overshoots along this very step, so the step already takes the new,
+   smaller eta, cut by at most ``growth`` (``last_step_eta`` says which eta it took).
 
-inf/NaN probe losses: the weight step is never skipped (it is the SGD step with the eta the step
-started with); eta shrinks instead (never below delta) and its momentum is reset.
+inf/NaN probe losses: the weight step is never skipped; eta shrinks (never below delta) and its
+momentum is reset; the paper's rules step with the eta the step started with.
 Under torch.distributed the five probe losses are averaged across ranks, so all ranks agree on eta.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -84,7 +87,8 @@ class AdaptiveLRSGD(Optimizer):
             denominator (eq. 18).
         method: "guarded" (default): eta moves to ``fraction`` times the minimiser of the probed line's
             quadratic model, growing by at most a factor ``growth`` per step, and never grows where the line
-            has no minimum (docs/ADAPTIVE_LR.md, "The guarded rule"). "newton": the paper's eq.
+            has no minimum; where the line rises at eta, this step already takes the smaller eta
+            (docs/ADAPTIVE_LR.md, "The guarded rule"). "newton": the paper's eq.
             16/18/19 as written. "first_order": eq. 6-8 (needs ``meta_lr``).
         growth: the most eta may grow in one step (guarded; > 1, default 2); also the cautious cut on a
             rising line without a minimum.
@@ -111,8 +115,8 @@ class AdaptiveLRSGD(Optimizer):
     ``step(closure, val_closure=None)`` takes either kind of closure:
 
     * a probe closure (run ``loss.backward()`` before ``step``): ``closure()`` recomputes the loss on
-      the current batch at the current parameters; ``step`` returns ``f(eta)``, the probed loss at
-      the parameters after the step;
+      the current batch at the current parameters; ``step`` returns ``f(eta)``, the middle probe
+      (the loss at the parameters after the step, unless the guarded rule shortened it);
     * a torch.optim closure (``zero_grad``, forward, ``backward``, return the loss), with no backward
       before ``step``: ``step`` calls it once with autograd on for the gradient, as torch's
       optimizers do, and returns its loss. Which kind is decided at the first step, by whether any
@@ -125,7 +129,7 @@ class AdaptiveLRSGD(Optimizer):
     raises. A closure that raises leaves parameters, gradients, buffers and eta as they were.
     A NaN/inf probe loss shrinks eta (the weight step is still taken). ``val_closure``, when given,
     is probed instead (paper section 5.3). ``last_probe_losses``: the five float64 losses of the
-    last step, j = -2..2.
+    last step, j = -2..2; ``last_step_eta``: the eta its weights moved by.
     """
 
     def __init__(
@@ -184,6 +188,7 @@ class AdaptiveLRSGD(Optimizer):
         self.batched = bool(batched)
         self.lr_on_device = None if lr_on_device is None else bool(lr_on_device)
         self.last_probe_losses: Optional[torch.Tensor] = None
+        self.last_step_eta: Optional[Union[float, torch.Tensor]] = None
         self._torch_closure: Optional[bool] = None  # decided at the first step
         self._init_transient()
 
@@ -198,7 +203,8 @@ class AdaptiveLRSGD(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(model=self.model, batched=self.batched, lr_on_device=self.lr_on_device,
-                     last_probe_losses=self.last_probe_losses, _torch_closure=self._torch_closure)
+                     last_probe_losses=self.last_probe_losses, last_step_eta=self.last_step_eta,
+                     _torch_closure=self._torch_closure)
         return state
 
     def __setstate__(self, state):
@@ -208,7 +214,7 @@ class AdaptiveLRSGD(Optimizer):
             group.setdefault("fraction", 0.5)
             group.setdefault("shrink", 100.0)
         for name, default in (("model", None), ("batched", False), ("lr_on_device", None),
-                              ("last_probe_losses", None), ("_torch_closure", None)):
+                              ("last_probe_losses", None), ("last_step_eta", None), ("_torch_closure", None)):
             if not hasattr(self, name):
                 setattr(self, name, default)
         self._init_transient()
@@ -345,6 +351,21 @@ class AdaptiveLRSGD(Optimizer):
             return rule(losses, eta_t, v_t, h, group["delta"], group["lr_momentum"])
         return first_order_lr_reference(losses, eta_t, v_t, h, group["delta"], group["meta_lr"], group["lr_momentum"])
 
+    @staticmethod
+    def _step_eta(group, losses, eta, eta_next, on_device):
+        """The eta this step's weights move by. The guarded rule: where the probes find the loss rising at eta
+        (or not finite), eta overshoots along this very step, so the step already takes the new, smaller eta,
+        cut by at most ``growth``; elsewhere, and for the paper's rules, eta (docs/ADAPTIVE_LR.md)."""
+        if group["method"] != "guarded":
+            return eta
+        if on_device:
+            rising = (losses[3] > losses[1]) | ~torch.isfinite(losses).all()
+            return torch.where(rising, torch.maximum(eta_next, eta / group["growth"]), eta)
+        f = losses.tolist()
+        if f[3] > f[1] or not all(map(math.isfinite, f)):
+            return max(eta_next, eta / group["growth"])
+        return eta
+
     def _gradient_from_closure(self, closure):
         """Calls a torch.optim closure with autograd on, for the gradient; returns its loss."""
         with torch.enable_grad():
@@ -417,28 +438,30 @@ class AdaptiveLRSGD(Optimizer):
         losses = self._mean_over_ranks(probed.to(device))
         self.last_probe_losses = losses
 
+        eta_t = eta if on_device else torch.scalar_tensor(eta, dtype=torch.float64, device=device)
+        eta_next, v_next = self._next_eta(group, losses, eta_t, h)
+        if not on_device:
+            eta_next = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
+        eta_step = self.last_step_eta = self._step_eta(group, losses, eta, eta_next, on_device)
         if on_device:
-            self._weight_step_tensor_lr(group, params, dirs, eta)
+            self._weight_step_tensor_lr(group, params, dirs, eta_step)
         else:
-            # torch.optim.SGD's own code with the current eta, so bitwise equal to it
+            # torch.optim.SGD's own code with this step's eta, so bitwise equal to it
             grads = [p.grad for p in params]
             bufs = [self.state[p].get("momentum_buffer") for p in params]
             _sgd_functional(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                            lr=eta, dampening=0.0, nesterov=False, maximize=False,
+                            lr=eta_step, dampening=0.0, nesterov=False, maximize=False,
                             # what SGD's own default picks on the CPU, without its per-parameter survey
                             foreach=False if device.type == "cpu" else None)
             if group["momentum"] != 0:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
 
-        eta_t = eta if on_device else torch.scalar_tensor(eta, dtype=torch.float64, device=device)
-        eta_next, v_next = self._next_eta(group, losses, eta_t, h)
         if v_next is None:
             v_next = torch.zeros_like(eta_next) if on_device else 0.0
         if on_device:
             group["lr"], group["lr_velocity"] = eta_next, v_next
         else:
-            group["lr"] = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
-            group["lr_velocity"] = float(v_next)
+            group["lr"], group["lr_velocity"] = eta_next, float(v_next)
         self._eta_set = group["lr"]
         return closure_loss if closure_loss is not None else losses[2]

@@ -7,9 +7,9 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # for tests.helpers
 
-from csv_tables import _ROOT, peak_memory, write_table  # noqa: E402
+from tests.helpers.csv_tables import _ROOT, peak_memory, write_table  # noqa: E402
 
 
 def main(argv=None):

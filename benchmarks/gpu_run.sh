@@ -23,7 +23,7 @@ if want build; then
   $PY -c "import torchopt_ext, torchopt_ext._C as C; print('extension', torchopt_ext.extension_available(), 'WITH_CUDA', C.WITH_CUDA)"
 fi
 if want test; then
-  $PY -m pytest -q -p no:cacheprovider -x -rs tests/test_ib_alpha_op.py tests/test_probe_ops.py -k cuda 2>&1 | tee "$OUT/test_cuda.log" | tail -30
+  $PY -m pytest -q -p no:cacheprovider -x -rs tests/ops/test_ib_alpha_op.py tests/ops/test_probe_ops.py -k cuda 2>&1 | tee "$OUT/test_cuda.log" | tail -30
   timeout 300 $PY -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$OUT/test_all.log" | tail -25
 fi
 if want bench; then

@@ -16,7 +16,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]   # this checkout, its fixtures
+sys.path[:0] = [os.path.join(HERE, "..")]   # this checkout and its tests.helpers
 
 
 def _rss_kib():
@@ -30,7 +30,7 @@ def _rss_kib():
 def measure(kind, K, steps, width, repeats, threads):
     """One configuration in this process: median seconds per hypergradient and peak RSS growth (MiB)."""
     import torch
-    from condense_fixtures import ConvNet, digits
+    from tests.helpers.condense_fixtures import ConvNet, digits
     from torchopt_ext.condense import unroll as U
 
     torch.set_num_threads(threads)

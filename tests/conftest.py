@@ -39,5 +39,5 @@ def single_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """30 training images per class of the 8x8 digits, the test part untouched (a module may define its own)."""
-    import condense_fixtures
+    from tests.helpers import condense_fixtures
     return condense_fixtures.tiny_digits()

@@ -17,7 +17,7 @@ from torchopt_ext._extension import _C
 
 # The op's number for each activation kind: the compiled extension's table
 # (csrc/include/torchopt_ext/ib_alpha_kinds.h), or this copy of it when the extension is missing,
-# for the reference, which reads the same numbers; tests/test_activation_kinds.py holds them equal.
+# for the reference, which reads the same numbers; tests/ops/test_activation_kinds.py holds them equal.
 _KINDS_WITHOUT_EXTENSION = {"relu": 0, "arctan": 1, "hardtanh": 2, "smoothstep": 3, "identity": 4, "piecewise": 5}
 KINDS: Dict[str, int] = dict(_C.activation_kinds()) if _C is not None else dict(_KINDS_WITHOUT_EXTENSION)
 KIND_RELU = KINDS["relu"]

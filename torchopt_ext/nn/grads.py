@@ -12,7 +12,7 @@ Scaling of b (alpha is nonlinear in b, so it matters): b is the loss's gradient 
 mean-reduced loss over B samples each sample's b carries 1/B. Under DistributedDataParallel with R
 ranks each rank solves its own samples with b_i = (1/B_rank) dl_i/dy and DDP then averages the
 gradients, so the step is mu theta/(1+eta mu) + (1/R) sum_ranks sum_i alpha_i(b_i) z_i, which is not
-the single-process step on the mean over all R*B_rank samples (tests/test_ddp_implicit.py).
+the single-process step on the mean over all R*B_rank samples (tests/nn/test_ddp_implicit.py).
 """
 from __future__ import annotations
 

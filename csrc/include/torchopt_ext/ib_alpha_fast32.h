@@ -5,7 +5,7 @@
 // where a decision is closer than that bound or an input is outside the bounds' range; the caller
 // then hands the element on: first pass (the common case), second pass (the general float32 form),
 // the double solver. A certain result makes the exact minimiser's choice and is within about
-// 3e-6 |alpha| + 1.5e-5 |b| of it; tests/test_ib_alpha_fast32.py holds it to the float64 reference
+// 3e-6 |alpha| + 1.5e-5 |b| of it; tests/ops/test_ib_alpha_fast32.py holds it to the float64 reference
 // where a wrong choice would show.
 // Derivation: docs/derivations.md#float32-certificates
 //

@@ -68,7 +68,7 @@ def counting(monkeypatch):
     ("random_ipc1.pt", "cells/.random_ipc1.pt.", "condensed random_ipc1, herding_ipc1, whole"),
     ("herding_ipc1.pt", "cells/.herding_ipc1.pt.", "evaluated the saved sets of random_ipc1; condensed herding_ipc1, "
                                                    "whole"),
-    ("results.json@2", ".results.json.", "reused random_ipc1; evaluated the saved sets of herding_ipc1, whole"),
+    ("results.json@2", ".results.json.", "reused whole; evaluated the saved sets of random_ipc1, herding_ipc1"),
 ])
 def test_sigkill_mid_write_then_resume_gives_the_same_numbers(tmp_path, straight, capsys, kill_at, temporary,
                                                               summary):

@@ -16,8 +16,8 @@ grid that fails before any set was saved removes DIR. --resume reuses every cell
 digest and, when results.json is the file the manifest records, its evaluation; it condenses or
 evaluates again whatever is missing or damaged and says which cells. Under torchrun (gloo; e.g.
 torchrun --nproc-per-node 4 -m torchopt_ext condense ...) the cells to condense and then the
-(cell, evaluation net) trainings are dealt round-robin over the ranks, each with its own seeds, so the
-numbers are those of one process with the same --threads; rank 0 alone writes DIR."""
+(cell, evaluation net) trainings form one queue, each unit taken by the first free rank and run with its
+own seeds, so the numbers are those of one process with the same --threads; rank 0 alone writes DIR."""
 
 
 def _words(text):

@@ -5,9 +5,9 @@ a digest of its tensors, loadable with ``torch.load(weights_only=True)``), cells
 results.json (every number), results.md (the table), manifest.json (size and sha256 of each of them); .lock
 while a run uses it. The whole-data row is the cell ``whole`` (its .pt keeps only the metadata).
 
-The grid runs in two passes, each dealt round-robin over the ranks of a torchrun (condense/ranks.py): first
-the cells still to condense, then one unit per (cell, evaluation net, net index j). Rank 0 alone writes: the
-sets after each round of the first pass, results.json and results.md whenever a cell's evaluation is complete.
+The work is one queue over the ranks of a torchrun (condense/ranks.py): the cells still to condense, then one
+unit per (cell, evaluation net, net index j), each claimed by the first free rank once its set exists. Rank 0
+alone writes: each set as it arrives, results.json and results.md whenever a cell's evaluation is complete.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torchopt_ext.condense.evaluate import compute_threads, evaluate_detailed, m
 from torchopt_ext.condense.methods import PREPARE, load_methods
 from torchopt_ext.condense.nets import make_net
 from torchopt_ext.condense.outputs import GridDir, check_out, saved_state, set_files, set_from_state
-from torchopt_ext.condense.ranks import in_rounds
+from torchopt_ext.condense.ranks import run_queue
 from torchopt_ext.condense.report import cell_name
 from torchopt_ext.condense.types import ImageData
 from torchopt_ext.distill.config import DistillError
@@ -116,66 +116,70 @@ def _run(config, data, methods, outdir, out, progress):
     states = {name: p["state"] for name, p in plan.items() if p["state"] is not None}
     walls = {name: p["method_wall_s"] for name, p in plan.items()}
     todo = [c for c in cells if cell_name(*c) not in records and cell_name(*c) not in states]
-    todo.sort(key=lambda c: (c[1] is None, c[1] or 0))   # ipc-major: a round's cells cost alike, ranks idle less
     prepared = {}
     for method in dict.fromkeys(m for m, _ in todo):
         if method in PREPARE:
             t0 = time.perf_counter()
             PREPARE[method](data, config, progress)
             prepared[method] = time.perf_counter() - t0
-    _condense_pass(config, data, methods, todo, outdir, states, walls, progress)
     syns = {name: set_from_state(state, data, set_files(name)[0]) for name, state in states.items()}
 
     def write(records, complete=False):
         results = _results(config, data, out, cells, records, world, prepared)
-        on_rank0(lambda: outdir.write_results(results, complete))
+        if outdir is not None:   # rank 0
+            outdir.write_results(results, complete)
         return results
-    _evaluate_pass(config, data, [c for c in cells if cell_name(*c) not in records], syns, walls, records, write,
-                   progress)
-    return write(records, complete=True)
+    _work(config, data, methods, todo, [c for c in cells if cell_name(*c) not in records], outdir,
+          (states, syns, walls, records), write, progress)
+    return everywhere(lambda: write(records, complete=True))
 
 
-def _condense_pass(config, data, methods, todo, outdir, states, walls, progress):
-    """The sets of the cells in ``todo``, dealt over the ranks, into ``states`` and ``walls`` (every rank) and
-    saved by rank 0 after each round."""
-    bar = tqdm(total=len(todo), disable=not progress, desc="condense")
-    for group, got in in_rounds(todo, lambda c: _condense_cell(config, data, methods, c, progress)):
-        for (method, ipc), (state, wall) in zip(group, got):
-            states[cell_name(method, ipc)], walls[cell_name(method, ipc)] = state, wall
-        on_rank0(lambda: outdir.save_sets([(m, k, states[cell_name(m, k)]) for m, k in group], data))
-        bar.update(len(group))
-    bar.close()
-
-
-def _evaluate_pass(config, data, cells, syns, walls, records, write, progress):
-    """Every (cell, evaluation net, j) training of ``cells``, dealt over the ranks; a cell's record goes into
-    ``records`` and ``write(records)`` is called once all its nets are in."""
+def _work(config, data, methods, todo, to_evaluate, outdir, found, write, progress):
+    """The sets of the cells in ``todo``, then every (cell, evaluation net, j) training of ``to_evaluate``, as
+    one queue over the ranks (condense/ranks.py), longest units first so that the last ones are short. Every
+    rank fills ``found`` = (states, syns, walls, records); rank 0 saves each set as it arrives and writes the
+    results whenever a cell's evaluation is complete."""
+    states, syns, walls, records = found
     nets, n = config.test_nets, config.eval_models
-    units = [(cell_name(m, k), net, j) for m, k in cells for net in nets for j in range(n)]
-    epochs = {cell_name(m, k): config.cell_epochs(m) for m, k in cells}
+    todo = sorted(todo, key=lambda c: (c[1] is None, -(c[1] or 0)))
+    # an evaluation's cost grows with images x epochs (whole data: few epochs of many images)
+    size = {cell_name(m, k): data.x_train.shape[0] if k is None else k * data.n_classes for m, k in to_evaluate}
+    to_evaluate = sorted(to_evaluate, key=lambda c: -size[cell_name(*c)] * config.cell_epochs(c[0]))
+    units = [("condense", cell) for cell in todo]
+    units += [("evaluate", cell, net, j) for cell in to_evaluate for net in nets for j in range(n)]
+    first = {cell: i for i, (_, cell) in enumerate(units[:len(todo)])}
+    parts = {cell_name(*c): {net: {} for net in nets} for c in to_evaluate}   # cell -> net -> j -> record
+    bars = {kind: tqdm(total=sum(u[0] == kind for u in units), disable=not progress, desc=kind)
+            for kind in ("condense", "evaluate")}
 
-    def evaluate(unit):
-        name, net, j = unit
-        return evaluate_detailed(syns[name], data, net, n, epochs[name], config.seed, config.eval_optimizer,
-                                 config.use_learned_lrs, progress, config.width, config.depth, models=[j],
-                                 augment=config.eval_augment)
+    def compute(unit):
+        if unit[0] == "condense":
+            return _condense_cell(config, data, methods, unit[1], progress)
+        (method, ipc), net, j = unit[1:]
+        return evaluate_detailed(syns[cell_name(method, ipc)], data, net, n, config.cell_epochs(method),
+                                 config.seed, config.eval_optimizer, config.use_learned_lrs, progress,
+                                 config.width, config.depth, models=[j], augment=config.eval_augment)
 
-    parts = {cell_name(m, k): {net: {} for net in nets} for m, k in cells}   # cell -> net -> j -> record
-    bar = tqdm(total=len(units), disable=not progress, desc="evaluate")
-    for group, got in in_rounds(units, evaluate):
-        for (name, net, j), record in zip(group, got):
-            parts[name][net][j] = record
-        finished = [(m, k) for m, k in cells if cell_name(m, k) not in records
-                    and all(len(parts[cell_name(m, k)][net]) == n for net in nets)]
-        for method, ipc in finished:
-            name = cell_name(method, ipc)
-            records[name] = _cell_record(method, ipc, syns[name], walls[name],
-                                         {net: merge_evaluations([parts[name][net][j] for j in range(n)])
-                                          for net in nets})
-        if finished:
-            write(records)
-        bar.update(len(group))
-    bar.close()
+    def collect(i, result):
+        kind, (method, ipc) = units[i][:2]
+        name = cell_name(method, ipc)
+        if kind == "condense":
+            (states[name], walls[name]), pt = result, set_files(name)[0]
+            syns[name] = set_from_state(states[name], data, pt)
+            if outdir is not None:
+                outdir.save_sets([(method, ipc, states[name])], data)
+        else:
+            parts[name][units[i][2]][units[i][3]] = result
+            if all(len(parts[name][net]) == n for net in nets):
+                records[name] = _cell_record(method, ipc, syns[name], walls[name],
+                                             {net: merge_evaluations([parts[name][net][j] for j in range(n)])
+                                              for net in nets})
+                write(records)
+        bars[kind].update()
+
+    run_queue(units, compute, collect, lambda i: first.get(units[i][1]) if units[i][0] == "evaluate" else None)
+    for bar in bars.values():
+        bar.close()
 
 
 def _cell_record(method, ipc, syn, method_wall_s, evals):

@@ -7,6 +7,8 @@
 #include "torchopt_ext/ib_alpha_fast32.h"
 #include "torchopt_ext/ib_alpha_kinds.h"
 #include "torchopt_ext/ib_alpha_math.h"
+#include "torchopt_ext/probe_check.h"
+#include "torchopt_ext/probe_math.h"
 
 namespace torchopt_ext {
 namespace cpu {
@@ -19,6 +21,8 @@ int64_t fast32_second(bool reset);
 std::vector<std::string> fast32_activations();
 }  // namespace cpu
 void set_hyper_resolver(py::object resolver);
+void probe_move_host(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                     const std::vector<at::Tensor>& direction, double step);
 at::Tensor implicit_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            int64_t kind, int64_t layer_id);
 
@@ -93,6 +97,28 @@ at::Tensor ib_alpha_autograd(const at::Tensor& pre, const at::Tensor& grad_out, 
 
 }  // namespace torchopt_ext
 
+// The two learning-rate rules on host numbers, for a CPU step that keeps eta as a Python float: the
+// same math as the guarded_lr and newton_lr ops without a tensor in or out, since after a training
+// step has emptied the caches each small tensor op costs tens of microseconds.
+namespace torchopt_ext {
+
+double guarded_lr_host(const std::vector<double>& f, double eta, double eps, double delta, double growth,
+                       double fraction, double shrink) {
+  TORCH_CHECK(f.size() == 5, "guarded_lr: losses must hold the 5 probe losses, got ", f.size());
+  check_guarded_lr_constants(growth, fraction, shrink);
+  return math::guarded_lr_update(f.data(), eta, eps, delta, growth, fraction, shrink);
+}
+
+std::tuple<double, double> newton_lr_host(const std::vector<double>& f, double eta, double velocity, double eps,
+                                          double delta, double beta) {
+  TORCH_CHECK(f.size() == 5, "newton_lr: losses must hold the 5 probe losses, got ", f.size());
+  double eta_next = 0.0, v_next = 0.0;
+  math::newton_lr_update(f.data(), eta, velocity, eps, delta, beta, &eta_next, &v_next);
+  return {eta_next, v_next};
+}
+
+}  // namespace torchopt_ext
+
 TORCH_LIBRARY(torchopt_ext, m) {
   // alpha of the implicit-backprop step for every (sample, neuron); see ib_alpha_math.h.
   // kind: torchopt_ext::math::Kind (by name: _C.activation_kinds()); knots/coefficients: float64
@@ -137,6 +163,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward is implicit_linear_backward, eta/mu/maximize from the registered resolver");
   m.def("set_hyper_resolver", &torchopt_ext::set_hyper_resolver,
         "callable(layer_id) -> (eta, mu, maximize), called by implicit_linear's backward");
+  m.def("probe_move_host", &torchopt_ext::probe_move_host,
+        "the probe_move_ op on the CPU with a float step: every params[i] <- saved[i] - step * direction[i]");
+  m.def("guarded_lr_host", &torchopt_ext::guarded_lr_host,
+        "the guarded_lr op on Python floats: (five losses, eta, eps, delta, growth, fraction, shrink) -> eta");
+  m.def("newton_lr_host", &torchopt_ext::newton_lr_host,
+        "the newton_lr op on Python floats: (five losses, eta, velocity, eps, delta, beta) -> (eta, velocity)");
 #ifdef TORCHOPT_EXT_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -33,9 +33,7 @@ void move_one(scalar_t* p, const scalar_t* s, const scalar_t* d, int64_t n, doub
   at::parallel_for(0, n, 65536, [&](int64_t b, int64_t e) { move_rows(p, s, d, b, e, hs); });
 }
 
-void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList direction, const at::Tensor& step) {
-  check_probe_move_args(params, saved, direction, step);
-  const double h = step.item<double>();
+void move_all(at::TensorList params, at::TensorList saved, at::TensorList direction, double h) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu(), "probe_move_: the CPU kernel got params[", i, "] on ", p.device());
@@ -50,6 +48,11 @@ void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList 
                          p.numel(), h);
     });
   }
+}
+
+void probe_move_cpu(at::TensorList params, at::TensorList saved, at::TensorList direction, const at::Tensor& step) {
+  check_probe_move_args(params, saved, direction, step);
+  move_all(params, saved, direction, step.item<double>());
 }
 
 std::tuple<at::Tensor, at::Tensor> newton_lr_cpu(const at::Tensor& losses, const at::Tensor& eta,
@@ -73,6 +76,14 @@ at::Tensor guarded_lr_cpu(const at::Tensor& losses, const at::Tensor& eta, doubl
 }
 
 }  // namespace
+
+// probe_move_ with the step as a host number, for the CPU step that keeps eta as a Python float
+// (exposed as _C.probe_move_host): no 0-dim step tensor to make, and no dispatcher on the way.
+void probe_move_host(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                     const std::vector<at::Tensor>& direction, double step) {
+  check_probe_move_lists(params, saved, direction);
+  move_all(params, saved, direction, step);
+}
 
 TORCH_LIBRARY_IMPL(torchopt_ext, CPU, m) {
   m.impl("probe_move_", &probe_move_cpu);

@@ -7,8 +7,10 @@ import torch
 from torchopt_ext import extension_available
 from torchopt_ext.ops.probe import (
     guarded_lr,
+    guarded_lr_host,
     guarded_lr_reference,
     newton_lr,
+    newton_lr_host,
     newton_lr_reference,
     probe_move_,
     probe_move_reference_,
@@ -38,6 +40,31 @@ def test_probe_move_equals_reference(dtype, contiguous):
     probe_move_reference_(ref, saved, dirs, step)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_host_step_mover_equals_the_op(dtype, contiguous):
+    """The CPU step's mover (a float step, no dispatcher) writes the op's bits, compiled or not."""
+    from torchopt_ext.ops.probe import probe_mover
+    params, saved, dirs = _lists(dtype, contiguous)
+    ref, host = [p.clone() for p in params], [p.clone() for p in params]
+    step = 0.0123 + 2e-5
+    probe_move_reference_(ref, saved, dirs, torch.tensor(step, dtype=torch.float64))
+    probe_mover(torch.device("cpu"), host_step=True)(host, saved, dirs, step)
+    for p, r in zip(host, ref):
+        torch.testing.assert_close(p, r, rtol=0, atol=0)
+
+
+@needs_ext
+def test_host_step_mover_checks_the_lists():
+    from torchopt_ext.ops.probe import probe_mover
+    params, saved, dirs = _lists(torch.float32)
+    move = probe_mover(torch.device("cpu"), host_step=True)
+    with pytest.raises(RuntimeError, match="one length"):
+        move(params, saved[:-1], dirs, 1.0)
+    with pytest.raises(RuntimeError, match="shape"):
+        move(params, saved[::-1], dirs, 1.0)
 
 
 def test_probe_move_resolves_eps_steps_in_float64():
@@ -162,6 +189,43 @@ def test_guarded_lr_errors_name_the_argument():
                 fn(f, e, 1e-2, 1e-6, **kw)
     with pytest.raises((ValueError, RuntimeError), match="5 probe losses"):
         guarded_lr(f[:4], e, 1e-2, 1e-6)
+
+
+def _same_float(a, b):
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "reference"])
+def test_host_rules_equal_the_ops_bitwise(compiled, monkeypatch):
+    """The float entry points the CPU step uses give the ops' numbers, from the extension and without it."""
+    from torchopt_ext.ops import probe
+    if compiled and probe._C is None:
+        pytest.skip("compiled extension not built")
+    if not compiled:
+        monkeypatch.setattr(probe, "_C", None)
+    losses = _random_losses(100)
+    losses[3, 2], losses[4, 0] = float("nan"), float("inf")
+    for k, f in enumerate(losses):
+        eta, v = 0.01 * (k % 7 + 1), 1e-3 * (k % 3 - 1)
+        e, vt = torch.tensor(eta, dtype=torch.float64), torch.tensor(v, dtype=torch.float64)
+        fl = f.tolist()
+        for growth, fraction, shrink in ((2.0, 0.5, 100.0), (1.5, 1.0, 3.0)):
+            want = guarded_lr_reference(f, e, 1e-3, 1e-6, growth, fraction, shrink).item()
+            assert _same_float(guarded_lr_host(fl, eta, 1e-3, 1e-6, growth, fraction, shrink), want)
+        got = newton_lr_host(fl, eta, v, 1e-3, 1e-6, 0.9)
+        want = [x.item() for x in newton_lr_reference(f, e, vt, 1e-3, 1e-6, 0.9)]
+        assert all(_same_float(a, b) for a, b in zip(got, want)), (got, want)
+
+
+@needs_ext
+def test_host_rules_check_their_arguments():
+    f = _line(0.4, -1.0, 4.0, 1e-2).tolist()
+    with pytest.raises(RuntimeError, match="growth"):
+        guarded_lr_host(f, 0.4, 1e-2, 1e-6, growth=1.0)
+    with pytest.raises(RuntimeError, match="5 probe losses"):
+        guarded_lr_host(f[:4], 0.4, 1e-2, 1e-6)
+    with pytest.raises(RuntimeError, match="5 probe losses"):
+        newton_lr_host(f[:4], 0.4, 0.0, 1e-2, 1e-6)
 
 
 @pytest.mark.cuda

@@ -5,7 +5,8 @@
 five probe losses ``f(eta + j*eps)``, j = -2..2 (docs/design.md#five-probe-learning-rate; paper eq. 16/18/19/20-21).
 ``guarded_lr(losses, eta, eps, delta, growth, fraction, shrink)``: the next eta by the guarded rule
 (docs/ADAPTIVE_LR.md), AdaptiveLRSGD's default.
-Both keep everything on the tensors' device: no host synchronisation on CUDA.
+Both keep everything on the tensors' device: no host synchronisation on CUDA. ``guarded_lr_host`` and
+``newton_lr_host`` are the same rules on Python floats, for a CPU step that holds eta as a float.
 """
 from __future__ import annotations
 
@@ -59,10 +60,18 @@ def probe_move_(
         probe_move_reference_(params, saved, direction, step)
 
 
-def probe_mover(device: torch.device) -> Callable[..., None]:
-    """What ``probe_move_`` calls on ``device``, without its argument checks: for a caller that checked
-    the lists once and moves them five times a step (the checks cost more than a small move)."""
-    return torch.ops.torchopt_ext.probe_move_ if _compiled_for(device) else probe_move_reference_
+def probe_mover(device: torch.device, host_step: bool = False) -> Callable[..., None]:
+    """What ``probe_move_`` calls on ``device``, without the wrapper's checks: for a caller that moves SGD's
+    own lists five times a step. With ``host_step`` the step is a Python float, and on the CPU the kernel is
+    called without a step tensor or the dispatcher (``_C.probe_move_host``)."""
+    if not host_step:
+        return torch.ops.torchopt_ext.probe_move_ if _compiled_for(device) else probe_move_reference_
+    if _C is not None and device.type == "cpu":
+        return _C.probe_move_host
+
+    def move(params, saved, direction, step: float) -> None:
+        probe_move_reference_(params, saved, direction, torch.tensor(step, dtype=torch.float64))
+    return move
 
 
 def probe_move_reference_(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor],
@@ -147,6 +156,26 @@ def guarded_lr(losses: torch.Tensor, eta: torch.Tensor, eps: float, delta: float
         return torch.ops.torchopt_ext.guarded_lr(losses, eta, float(eps), float(delta), float(growth),
                                                  float(fraction), float(shrink))
     return guarded_lr_reference(losses, eta, eps, delta, growth, fraction, shrink)
+
+
+def guarded_lr_host(losses: Sequence[float], eta: float, eps: float, delta: float, growth: float = 2.0,
+                    fraction: float = 0.5, shrink: float = 100.0) -> float:
+    """``guarded_lr`` on Python floats (the compiled rule; without the extension, the reference)."""
+    if _C is not None:
+        return _C.guarded_lr_host(list(losses), eta, eps, delta, growth, fraction, shrink)
+    f = torch.tensor(list(losses), dtype=torch.float64)
+    return float(guarded_lr_reference(f, torch.tensor(eta, dtype=torch.float64), eps, delta, growth, fraction, shrink))
+
+
+def newton_lr_host(losses: Sequence[float], eta: float, velocity: float, eps: float, delta: float,
+                   beta: float = 0.0) -> Tuple[float, float]:
+    """``newton_lr`` on Python floats: (eta, velocity) (the compiled rule; without the extension, the
+    reference)."""
+    if _C is not None:
+        return _C.newton_lr_host(list(losses), eta, velocity, eps, delta, beta)
+    f, t = torch.tensor(list(losses), dtype=torch.float64), lambda v: torch.tensor(v, dtype=torch.float64)
+    e, v = newton_lr_reference(f, t(eta), t(velocity), eps, delta, beta)
+    return float(e), float(v)
 
 
 def guarded_lr_reference(losses: torch.Tensor, eta: torch.Tensor, eps: Union[float, torch.Tensor], delta: float,

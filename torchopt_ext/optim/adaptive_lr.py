@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 from torch.optim.sgd import sgd as _sgd_functional
 
-from torchopt_ext.ops.probe import (first_order_lr_reference, guarded_lr, guarded_lr_reference, newton_lr,
-                                    newton_lr_reference, probe_mover)
+from torchopt_ext.ops.probe import (first_order_lr_reference, guarded_lr, guarded_lr_host, guarded_lr_reference,
+                                    newton_lr, newton_lr_host, newton_lr_reference, probe_mover)
 from torchopt_ext.optim._probe_guard import ProbeGuard
 from torchopt_ext.optim.functional_probe import FunctionalProbe
 
@@ -192,6 +192,19 @@ class AdaptiveLRSGD(Optimizer):
         self._torch_closure: Optional[bool] = None  # decided at the first step
         self._init_transient()
 
+    @property
+    def last_probe_losses(self) -> Optional[torch.Tensor]:
+        """The five probe losses of the last step, float64 (a step that keeps eta on the host keeps them as
+        Python floats, made a tensor here when asked for)."""
+        f = self._last_losses
+        if f is not None and not isinstance(f, torch.Tensor):
+            f = self._last_losses = torch.tensor(f, dtype=torch.float64)
+        return f
+
+    @last_probe_losses.setter
+    def last_probe_losses(self, value) -> None:
+        self._last_losses = value
+
     def _init_transient(self) -> None:
         """Caches and warning flags: rebuilt, never copied (deepcopy, pickle, load_state_dict)."""
         self._scratch = {}  # param -> the storage it points at during the probes
@@ -266,14 +279,21 @@ class AdaptiveLRSGD(Optimizer):
             model = probe_fn.model  # it names the module it evaluates: no need to watch module calls
         return ProbeGuard(model, {p.device for p in params}, group["params"], self._warned_once)
 
-    def _probe(self, probe_fn: Callable, group, params, dirs, steps: torch.Tensor) -> torch.Tensor:
+    def _probe(self, probe_fn: Callable, group, params, dirs, steps):
+        """(the five losses, whether the closure called backward). ``steps`` (eta + j*h) and the losses: a
+        float64 tensor where eta lives on the device; Python floats where it lives on the host, which
+        spares the step a tensor op per number (tens of microseconds each after a training step)."""
         # w never moves: during the probes each parameter points at scratch storage (swapping .data is
         # O(1)) and probe_move_ writes w - (eta + j*h)*d there; afterwards the parameter points at w's
         # own storage again, bit for bit, whatever the closure did. Saving and restoring w instead would
         # cost two more passes over the parameters.
         originals = [p.data for p in params]
+        host = not isinstance(steps, torch.Tensor)
         if self.batched and hasattr(probe_fn, "batched"):
             with self._guard(group, params, probe_fn):
+                if host:
+                    return self._probe_batched(probe_fn, params, originals, dirs,
+                                               torch.tensor(steps, dtype=torch.float64)).tolist(), False
                 return self._probe_batched(probe_fn, params, originals, dirs, steps), False
         scratch = []
         for p in params:
@@ -284,10 +304,11 @@ class AdaptiveLRSGD(Optimizer):
         try:
             for p, s in zip(params, scratch):
                 p.data = s
-            move = probe_mover(params[0].device)  # the lists are SGD's own: one device, matching shapes
+            # the lists are SGD's own: one device, matching shapes
+            move = probe_mover(params[0].device, host_step=host)
             with self._guard(group, params, probe_fn) as guard:
                 fs = []
-                for k, step in enumerate(steps.unbind(0)):
+                for k, step in enumerate(steps if host else steps.unbind(0)):
                     if k:  # the first probe starts from the state the guard saved
                         guard.rewind()
                     move(params, originals, dirs, step)
@@ -295,6 +316,9 @@ class AdaptiveLRSGD(Optimizer):
         finally:
             for p, w in zip(params, originals):
                 p.data = w
+        if host:  # on a GPU, one sync for all five
+            cpu = all(f.device.type == "cpu" for f in fs)
+            return [f.item() for f in fs] if cpu else torch.stack([f.double() for f in fs]).tolist(), guard.saw_backward
         if len({f.dtype for f in fs}) > 1:
             return torch.stack([f.to(torch.float64) for f in fs]), guard.saw_backward
         return torch.stack(fs).to(torch.float64), guard.saw_backward
@@ -314,10 +338,14 @@ class AdaptiveLRSGD(Optimizer):
         return probe_fn.batched(points).detach().to(torch.float64).reshape(5)
 
     @staticmethod
-    def _mean_over_ranks(losses: torch.Tensor) -> torch.Tensor:
+    def _mean_over_ranks(losses):
+        """The losses (a tensor, or Python floats) averaged over the ranks of torch.distributed."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
-            losses /= dist.get_world_size()
+            host = not isinstance(losses, torch.Tensor)
+            t = torch.tensor(losses, dtype=torch.float64) if host else losses
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+            return t.tolist() if host else t
         return losses
 
     @staticmethod
@@ -352,16 +380,31 @@ class AdaptiveLRSGD(Optimizer):
         return first_order_lr_reference(losses, eta_t, v_t, h, group["delta"], group["meta_lr"], group["lr_momentum"])
 
     @staticmethod
+    def _next_eta_host(group, f: List[float], eta: float, h: float) -> Tuple[float, float]:
+        """``_next_eta`` on Python floats, for a step whose eta lives on the host: the same rules through
+        their host entry points (no tensor in or out); the guarded rule's velocity is 0."""
+        method = group["method"]
+        if method == "guarded":
+            return guarded_lr_host(f, eta, h, group["delta"], group["growth"], group["fraction"], group["shrink"]), 0.0
+        v = float(group["lr_velocity"])
+        if method == "newton":
+            return newton_lr_host(f, eta, v, h, group["delta"], group["lr_momentum"])
+        t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731  (the first-order rule has no host form)
+        e, v = first_order_lr_reference(t(f), t(eta), t(v), h, group["delta"], group["meta_lr"], group["lr_momentum"])
+        return float(e), float(v)
+
+    @staticmethod
     def _step_eta(group, losses, eta, eta_next, on_device):
         """The eta this step's weights move by. The guarded rule: where the probes find the loss rising at eta
         (or not finite), eta overshoots along this very step, so the step already takes the new, smaller eta,
-        cut by at most ``growth``; elsewhere, and for the paper's rules, eta (docs/ADAPTIVE_LR.md)."""
+        cut by at most ``growth``; elsewhere, and for the paper's rules, eta (docs/ADAPTIVE_LR.md). ``losses``:
+        a tensor where eta lives on the device, else Python floats."""
         if group["method"] != "guarded":
             return eta
         if on_device:
             rising = (losses[3] > losses[1]) | ~torch.isfinite(losses).all()
             return torch.where(rising, torch.maximum(eta_next, eta / group["growth"]), eta)
-        f = losses.tolist()
+        f = losses
         if f[3] > f[1] or not all(map(math.isfinite, f)):
             return max(eta_next, eta / group["growth"])
         return eta
@@ -420,9 +463,8 @@ class AdaptiveLRSGD(Optimizer):
         eta = self._eta(group["lr"], device) if on_device else float(group["lr"])
         dirs = self._directions(group, params)
         h = group["eps"] * eta if group["relative_eps"] else group["eps"]
-        if isinstance(eta, float) and isinstance(h, float):
-            # one tensor from Python's float64 arithmetic, which rounds as the tensor ops below do
-            steps = torch.tensor([eta + j * h for j in _OFFSETS], dtype=torch.float64, device=device)
+        if not on_device:
+            steps = [eta + j * h for j in _OFFSETS]  # Python's float64 arithmetic rounds as the tensor ops do
         else:
             offsets = self._offsets.get(device)
             if offsets is None:
@@ -435,13 +477,12 @@ class AdaptiveLRSGD(Optimizer):
             # no trace), so this step starts again the torch way, as will every later one.
             self._torch_closure = True
             return _AGAIN
-        losses = self._mean_over_ranks(probed.to(device))
-        self.last_probe_losses = losses
+        losses = self.last_probe_losses = self._mean_over_ranks(probed if not on_device else probed.to(device))
 
-        eta_t = eta if on_device else torch.scalar_tensor(eta, dtype=torch.float64, device=device)
-        eta_next, v_next = self._next_eta(group, losses, eta_t, h)
-        if not on_device:
-            eta_next = float(eta_next)  # the one host sync of a step: lr is a float for SGD and schedulers
+        if on_device:
+            eta_next, v_next = self._next_eta(group, losses, eta, h)
+        else:  # the probes' .item() was the one host sync of the step: lr is a float for SGD and schedulers
+            eta_next, v_next = self._next_eta_host(group, losses, eta, h)
         eta_step = self.last_step_eta = self._step_eta(group, losses, eta, eta_next, on_device)
         if on_device:
             self._weight_step_tensor_lr(group, params, dirs, eta_step)
@@ -458,10 +499,9 @@ class AdaptiveLRSGD(Optimizer):
                     self.state[p]["momentum_buffer"] = b
 
         if v_next is None:
-            v_next = torch.zeros_like(eta_next) if on_device else 0.0
-        if on_device:
-            group["lr"], group["lr_velocity"] = eta_next, v_next
-        else:
-            group["lr"], group["lr_velocity"] = eta_next, float(v_next)
+            v_next = torch.zeros_like(eta_next)
+        group["lr"], group["lr_velocity"] = eta_next, v_next
         self._eta_set = group["lr"]
-        return closure_loss if closure_loss is not None else losses[2]
+        if closure_loss is not None:
+            return closure_loss
+        return losses[2] if on_device else torch.scalar_tensor(losses[2], dtype=torch.float64)

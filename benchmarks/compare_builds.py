@@ -94,6 +94,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="the markdown file of tables")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs")
     args = ap.parse_args(argv)
+    for name in ("old", "new"):
+        folder = getattr(args, name)
+        if not any(runs(folder, section) for section in SECTIONS):
+            print(f"error: {name}: {folder} holds no kernels-N.json or layers-N.json bench runs", file=sys.stderr)
+            return 2
     text = page(args.old, args.new)
     if args.check:
         same = os.path.exists(args.out) and open(args.out).read() == text

@@ -98,8 +98,8 @@ at::Tensor ib_alpha_autograd(const at::Tensor& pre, const at::Tensor& grad_out, 
 }  // namespace torchopt_ext
 
 // The two learning-rate rules on host numbers, for a CPU step that keeps eta as a Python float: the
-// same math as the guarded_lr and newton_lr ops without a tensor in or out, since after a training
-// step has emptied the caches each small tensor op costs tens of microseconds.
+// same math as the guarded_lr and newton_lr ops without a tensor in or out, because each small tensor
+// op is costly right after a training step has emptied the caches.
 namespace torchopt_ext {
 
 double guarded_lr_host(const std::vector<double>& f, double eta, double eps, double delta, double growth,

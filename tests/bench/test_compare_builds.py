@@ -37,3 +37,10 @@ def test_the_archived_tables_are_what_their_runs_give(tmp_path):
     changed = tmp_path / "tables.md"
     changed.write_text(text.replace("| 0.90 |", "| 0.91 |", 1))
     assert compare_builds.main([old, new, "--out", str(changed), "--check"]) == 1
+
+
+def test_a_folder_without_runs_is_one_clear_error(tmp_path, capsys):
+    new = os.path.join(BENCH, "archive", "refactor-check", "new")
+    assert compare_builds.main([str(tmp_path), new, "--out", str(tmp_path / "t.md")]) == 2
+    assert capsys.readouterr().err == f"error: old: {tmp_path} holds no kernels-N.json or layers-N.json bench runs\n"
+    assert not (tmp_path / "t.md").exists()

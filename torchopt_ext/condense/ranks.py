@@ -3,10 +3,10 @@
 Work is a list of units (a cell to condense; one evaluation net of a cell) in priority order, computed by
 :func:`run_queue`: a rank that is free claims the first unit nobody has claimed whose prerequisite is done,
 through an atomic counter per unit in the process group's key-value store, and publishes its result there.
-So no rank waits for another while work it could do remains (dealing in fixed rounds left a rank idle while
-its peer finished a four-minute cell). Each unit runs with its own seeds (derive_seed of the run's seed and
-the unit's names), so the numbers do not depend on which rank computed them. Every rank reads every result;
-a failure on any rank is published too and raised on all of them. Outside torchrun the world is one process
+So no rank waits for another while work it could do remains, however unequal the units' costs. Each unit runs
+with its own seeds (derive_seed of the run's seed and the unit's names), so the numbers do not depend on which
+rank computed them. Every rank reads every result; a failure on any rank is published too and raised on all
+of them. Outside torchrun the world is one process
 and the units run in order.
 """
 from __future__ import annotations
@@ -63,6 +63,7 @@ class _Queue:
         self.units, self.compute, self.collect, self.needs = units, compute, collect, needs
         self.rank = rank_world()[0]
         self.collected, self.taken, self.seen = set(), set(), 0
+        self.mine = {}   # results this rank computed, collected without reading them back from the store
 
     def run(self) -> None:
         try:
@@ -73,7 +74,7 @@ class _Queue:
                     if not self._collect_new():
                         time.sleep(POLL_S)
                     continue
-                result = self.compute(self.units[i])
+                result = self.mine[i] = self.compute(self.units[i])
                 self.store.set(f"result{i}", pickle.dumps(result))
                 self.store.set(f"order{self.store.add('done', 1)}", str(i))
                 self._collect_new()
@@ -109,7 +110,8 @@ class _Queue:
             self.seen += 1
             i = int(self.store.get(f"order{self.seen}"))
             self.taken.add(i)
-            self.collect(i, pickle.loads(self.store.get(f"result{i}")))
+            result = self.mine.pop(i) if i in self.mine else pickle.loads(self.store.get(f"result{i}"))
+            self.collect(i, result)
             self.collected.add(i)
         return new
 

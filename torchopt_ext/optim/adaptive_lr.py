@@ -281,8 +281,8 @@ class AdaptiveLRSGD(Optimizer):
 
     def _probe(self, probe_fn: Callable, group, params, dirs, steps):
         """(the five losses, whether the closure called backward). ``steps`` (eta + j*h) and the losses: a
-        float64 tensor where eta lives on the device; Python floats where it lives on the host, which
-        spares the step a tensor op per number (tens of microseconds each after a training step)."""
+        float64 tensor where eta lives on the device; Python floats where it lives on the host, which spares
+        the step a tensor op per number (each costly right after a training step has emptied the caches)."""
         # w never moves: during the probes each parameter points at scratch storage (swapping .data is
         # O(1)) and probe_move_ writes w - (eta + j*h)*d there; afterwards the parameter points at w's
         # own storage again, bit for bit, whatever the closure did. Saving and restoring w instead would
